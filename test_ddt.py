@@ -1,0 +1,376 @@
+"""nanoDDT tests: golden parity with the released code, and the behaviour of every script. CPU, a few minutes.
+
+    python -m pytest -q test_ddt.py
+"""
+
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ddt
+from ddt import (DDT, PRESETS, AutoencoderKL, CheckpointError, DDTConfig, DINOv2, load_ddt, load_dino, load_vae,
+                 read_safetensors)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTDATA = os.path.join(HERE, "testdata")
+TINY = DDTConfig(in_channels=4, patch_size=2, hidden_size=32, num_heads=2, encoder_depth=4, decoder_depth=2,
+                 num_classes=10)  # the config of testdata/ddt_official_tiny.ckpt
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def run_script(*args, env=None, check=True, timeout=600):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
+    r = subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+# =============================================================================================
+# ddt.py: the DDT model
+
+
+@pytest.fixture(scope="module")
+def golden_ddt():
+    return torch.load(os.path.join(TESTDATA, "ddt_official_tiny_io.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_ddt():
+    return load_ddt(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), TINY)
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["square", "non-square"])
+def test_ddt_golden_parity(tiny_ddt, golden_ddt, case):
+    g = golden_ddt["cases"][case]
+    with torch.no_grad():
+        v, z = tiny_ddt(g["x"], g["t"], g["y"])
+        v2, z2 = tiny_ddt(g["x2"], g["t2"], g["y"], z=z)  # second call reuses z
+    assert rel_err(v, g["v"]) < 1e-5 and rel_err(z, g["z"]) < 1e-5 and rel_err(v2, g["v2"]) < 1e-5
+    assert z2 is z
+
+
+def test_ddt_ema_chosen_over_raw(golden_ddt):
+    raw = load_ddt(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), TINY, ema=False)
+    g = golden_ddt["cases"][0]
+    with torch.no_grad():
+        v, _ = raw(g["x"], g["t"], g["y"])
+    assert rel_err(v, g["v"]) > 1e-3  # the golden outputs are the EMA weights'
+
+
+def test_ddt_z_reuse_equals_recomputation(tiny_ddt):
+    torch.manual_seed(0)
+    x, t, y = torch.randn(3, 4, 8, 12), torch.rand(3), torch.tensor([0, 4, 10])
+    with torch.no_grad():
+        v, z = tiny_ddt(x, t, y)
+        assert torch.equal(z, tiny_ddt.encode(x, t, y))
+        assert torch.equal(v, tiny_ddt.decode(x, t, z))
+        assert torch.equal(tiny_ddt(x, t, y, z=z)[0], v)
+        v3, z3, h = tiny_ddt(x, t, y, repa_layer=2)
+    assert torch.equal(v3, v) and torch.equal(z3, z) and h.shape == (3, 24, 32)
+
+
+def test_ddt_repa_feature_is_block_output(tiny_ddt):
+    torch.manual_seed(1)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        _, _, h = tiny_ddt(x, t, y, repa_layer=3)
+        c = F.silu(tiny_ddt.t_embedder(t)[:, None] + tiny_ddt.y_embedder.embedding_table(y)[:, None])
+        s = tiny_ddt.s_embedder.proj(ddt.patchify(x, 2))
+        for block in tiny_ddt.blocks[:3]:
+            s = block(s, c, tiny_ddt.rope(8, 8, x.device))
+    assert torch.allclose(h, s, atol=1e-6)
+
+
+def test_ddt_rope_cached_per_grid(tiny_ddt):
+    a, b = tiny_ddt.rope(8, 8, torch.device("cpu")), tiny_ddt.rope(8, 8, torch.device("cpu"))
+    assert a is b and tiny_ddt.rope(8, 12, torch.device("cpu"))[0].shape == (24, 8)
+    assert not any("rope" in k for k in tiny_ddt.state_dict())
+
+
+def test_ddt_bf16_autocast_close(tiny_ddt, golden_ddt):
+    g = golden_ddt["cases"][1]
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        v, z = tiny_ddt(g["x"], g["t"], g["y"])
+    assert torch.isfinite(v).all() and rel_err(v, g["v"]) < 5e-2 and rel_err(z, g["z"]) < 5e-2
+
+
+def test_preset_parameter_counts():
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in DDT(cfg).parameters()) for name, cfg in PRESETS.items()}
+    assert counts["DDT-XL/2"] == 674_646_352  # the released model
+    assert (PRESETS["DDT-XL/2"].encoder_depth, PRESETS["DDT-XL/2"].decoder_depth) == (22, 6)
+    assert counts["DDT-S/2"] < counts["DDT-B/2"] < counts["DDT-L/2"] < counts["DDT-XL/2"]
+
+
+def test_patchify_round_trip_and_unfold_order():
+    x = torch.randn(2, 3, 8, 12)
+    p = ddt.patchify(x, 2)
+    assert torch.equal(p, F.unfold(x, 2, stride=2).transpose(1, 2))  # the released token/feature order
+    assert torch.equal(ddt.unpatchify(p, 2, 8, 12), x)
+
+
+def test_init_as_released():
+    m = DDT(TINY)
+    assert m.final_layer.linear.weight.abs().sum() == 0 and m.final_layer.adaLN_modulation[0].weight.abs().sum() == 0
+    assert m.blocks[0].adaLN_modulation[0].weight.abs().sum() > 0  # not adaLN-zero
+    with torch.no_grad():
+        v, _ = m(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([3]))
+    assert torch.equal(v, torch.zeros_like(v))
+
+
+def test_load_ddt_wrong_preset_says_what_fits():
+    with pytest.raises(CheckpointError) as e:
+        load_ddt(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), "DDT-S/2")
+    msg = str(e.value)
+    assert "shape mismatch" in msg and "hidden size 32" in msg and "6 blocks" in msg and "--encoder-depth" in msg
+    with pytest.raises(CheckpointError, match="unexpected"):  # right width, one block too few
+        load_ddt(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), DDTConfig(**{**TINY.__dict__, "decoder_depth": 1}))
+    with pytest.raises(CheckpointError, match="--model"):  # released checkpoint without a config
+        load_ddt(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"))
+
+
+def test_load_ddt_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        load_ddt(str(tmp_path / "nope.ckpt"), TINY)
+    data = open(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), "rb").read()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_ddt(str(tmp_path / "cut.ckpt"), TINY)
+    ckpt = torch.load(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), weights_only=True)
+    ckpt["hyper_parameters"] = {"when": __import__("datetime").date(2025, 4, 1)}  # a pickled Python object
+    torch.save(ckpt, tmp_path / "pickled.ckpt")
+    with pytest.raises(CheckpointError, match="allow-pickle"):
+        load_ddt(str(tmp_path / "pickled.ckpt"), TINY)
+    assert isinstance(load_ddt(str(tmp_path / "pickled.ckpt"), TINY, allow_pickle=True), DDT)
+
+
+# =============================================================================================
+# ddt.py: SD-VAE and safetensors
+
+
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+               torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Minimal writer by hand (the format spec), independent of the reader under test."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        blob = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)  # pad to 8 bytes like the reference writer
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+@pytest.fixture(scope="module")
+def golden_vae():
+    return torch.load(os.path.join(TESTDATA, "vae_tiny_io.pt"), weights_only=True)
+
+
+@pytest.mark.parametrize("which", ["dir", "oldkeys"])
+def test_vae_golden(golden_vae, which):
+    if which == "dir":
+        vae = load_vae(os.path.join(TESTDATA, "vae_tiny"))
+    else:
+        with open(os.path.join(TESTDATA, "vae_tiny", "config.json")) as f:
+            vae = load_vae(os.path.join(TESTDATA, "vae_tiny_oldkeys.safetensors"), config=json.load(f))
+    assert not vae.training and all(p.dtype == torch.float32 and not p.requires_grad for p in vae.parameters())
+    with torch.no_grad():
+        mean, logvar = vae.encode(golden_vae["images_pm1"])
+        img = vae.decode(golden_vae["posterior_mean"])
+    assert mean.shape == golden_vae["posterior_mean"].shape
+    assert rel_err(mean, golden_vae["posterior_mean"]) < 1e-5
+    assert rel_err(logvar, golden_vae["posterior_logvar"]) < 1e-5
+    assert rel_err(img, golden_vae["decoded_from_mean"]) < 1e-5
+
+
+def test_vae_bf16_autocast(golden_vae):
+    vae = load_vae(os.path.join(TESTDATA, "vae_tiny"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mean, logvar = vae.encode(golden_vae["images_pm1"])
+        img = vae.decode(golden_vae["posterior_mean"])
+    for out, ref in [(mean, "posterior_mean"), (logvar, "posterior_logvar"), (img, "decoded_from_mean")]:
+        assert torch.isfinite(out).all()
+        assert rel_err(out.float(), golden_vae[ref]) < 0.1  # measured ~0.025
+
+
+def test_vae_default_is_sd_vae():
+    with torch.device("meta"):  # shapes only, no memory or init time
+        vae = AutoencoderKL()
+    shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    assert sum(p.numel() for p in vae.parameters()) == 83653863  # sd-vae-ft-ema
+    assert shapes["encoder.down_blocks.1.resnets.0.conv_shortcut.weight"] == (256, 128, 1, 1)
+    assert shapes["decoder.up_blocks.3.resnets.0.conv_shortcut.weight"] == (128, 256, 1, 1)  # reversed channels
+    assert "decoder.up_blocks.0.resnets.2.conv1.weight" in shapes  # layers_per_block + 1 resnets
+    assert "encoder.down_blocks.3.downsamplers.0.conv.weight" not in shapes
+    assert "decoder.up_blocks.3.upsamplers.0.conv.weight" not in shapes
+    assert shapes["encoder.mid_block.attentions.0.to_out.0.weight"] == (512, 512)
+
+
+def test_vae_wrong_keys(tmp_path):
+    sd = read_safetensors(os.path.join(TESTDATA, "vae_tiny", "diffusion_pytorch_model.safetensors"))
+    del sd["decoder.conv_out.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.safetensors"
+    write_safetensors(path, sd)
+    with pytest.raises(ValueError, match="decoder.conv_out.bias") as e:
+        load_vae(path, config=json.load(open(os.path.join(TESTDATA, "vae_tiny", "config.json"))))
+    assert "extra.weight" in str(e.value) and str(path) in str(e.value)
+    with pytest.raises(ValueError, match="wrong shape"):
+        load_vae(os.path.join(TESTDATA, "vae_tiny", "diffusion_pytorch_model.safetensors"))  # SD config
+    with pytest.raises(ValueError, match="not supported"):
+        AutoencoderKL(act_fn="gelu")
+
+
+def test_vae_missing_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_vae(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+        load_vae(tmp_path)
+
+
+def test_safetensors_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f64": torch.randn(3, 2, generator=g, dtype=torch.float64), "f32": torch.randn(2, 3, 4, generator=g),
+               "f16": torch.randn(5, generator=g).half(), "bf16": torch.randn(3, 3, generator=g).bfloat16(),
+               "i64": torch.tensor([-(2 ** 40), 7]), "i32": torch.tensor([[1, -2]], dtype=torch.int32),
+               "i16": torch.tensor([-300, 300], dtype=torch.int16), "i8": torch.tensor([-5, 5], dtype=torch.int8),
+               "u8": torch.tensor([0, 255], dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+               "scalar": torch.tensor(1.5), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, tensors, metadata={"format": "pt"})
+    back = read_safetensors(path)
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+
+
+def test_safetensors_malformed(tmp_path):
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, {"w": torch.randn(16, 16)})
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])  # data cut short
+    with pytest.raises(ValueError, match="truncated") as e:
+        read_safetensors(path)
+    assert str(path) in str(e.value)
+    path.write_bytes(data[:40])  # header cut short
+    with pytest.raises(ValueError, match="header says") as e:
+        read_safetensors(path)
+    assert str(path) in str(e.value)
+    write_safetensors(path, {"w": torch.randn(2)})
+    path.write_bytes(path.read_bytes().replace(b'"F32"', b'"F99"'))
+    with pytest.raises(ValueError, match="bad header entry"):
+        read_safetensors(path)
+    for junk in [b"abc", b"\x04\x00\x00\x00\x00\x00\x00\x00oops", struct.pack("<Q", 2) + b"[]"]:
+        path.write_bytes(junk)
+        with pytest.raises(ValueError, match="not a safetensors file"):
+            read_safetensors(path)
+
+
+# =============================================================================================
+# ddt.py: the DINOv2 teacher
+
+
+DINO_WEIGHTS = os.path.join(TESTDATA, "dinov2_tiny_pretrain.pth")
+
+
+@pytest.fixture(scope="module")
+def dino():
+    return load_dino(DINO_WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def golden_dino():
+    return torch.load(f"{TESTDATA}/dinov2_tiny_io.pt", weights_only=True)
+
+
+def test_dino_loads_strict_and_frozen(dino, golden_dino):
+    cfg = golden_dino["config"]
+    assert dino.embed_dim == cfg["embed_dim"] and len(dino.blocks) == cfg["depth"]
+    assert dino.patch_size == cfg["patch_size"] and dino.blocks[0].attn.num_heads == cfg["num_heads"]
+    assert not dino.training and all(not p.requires_grad for p in dino.parameters())
+    assert all(p.dtype == torch.float32 for p in dino.parameters())
+    sd = torch.load(DINO_WEIGHTS, weights_only=True)
+    assert set(dino.state_dict()) == set(sd)  # every key of the file, mask_token included
+
+
+def test_dino_golden_parity(dino, golden_dino):
+    out = dino(golden_dino["images_01"])
+    assert out.shape == golden_dino["patch_tokens"].shape  # (2, 64, 128): 128 px -> 112 px -> 8 x 8 tokens
+    assert rel_err(out, golden_dino["patch_tokens"]) < 1e-5
+
+
+def test_dino_pos_embed_cache(dino):
+    a = dino.pos_embed_for(8, 8, torch.float32)
+    assert dino.pos_embed_for(8, 8, torch.float32) is a
+    assert a.shape == (1, 1 + 64, dino.embed_dim)
+    assert torch.equal(a[:, 0], dino.pos_embed[:, 0])  # class token's embedding kept as is
+    full = dino.pos_embed_for(37, 37, torch.float32)  # native grid: no resampling
+    assert torch.equal(full, dino.pos_embed)
+
+
+def test_dino_token_counts(dino):
+    assert dino(torch.rand(1, 3, 256, 256)).shape == (1, 256, dino.embed_dim)  # 224 px -> 16 x 16
+    assert dino(torch.rand(1, 3, 128, 256)).shape == (1, 8 * 16, dino.embed_dim)  # non-square
+
+
+def test_dino_bf16_autocast(dino, golden_dino):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dino(golden_dino["images_01"])
+    assert torch.isfinite(out).all()
+    assert rel_err(out.float(), golden_dino["patch_tokens"]) < 0.05  # ~5e-3 measured
+
+
+def test_dino_missing_file(tmp_path):
+    path = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="dinov2_vitb14_pretrain.pth") as e:
+        load_dino(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_dino_not_a_dino_state_dict(tmp_path):
+    sd = torch.load(DINO_WEIGHTS, weights_only=True)
+    sd.pop("blocks.1.ls2.gamma")
+    sd["blocks.1.extra"] = torch.zeros(1)
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match="blocks.1.ls2.gamma"):
+        load_dino(str(path))
+    torch.save({"weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not a DINOv2"):
+        load_dino(str(path))
+
+
+def test_dino_swiglu_not_supported(tmp_path):
+    sd = torch.load(DINO_WEIGHTS, weights_only=True)
+    sd["blocks.0.mlp.w12.weight"] = torch.zeros(1)
+    path = tmp_path / "vitg.pth"
+    torch.save(sd, path)
+    with pytest.raises(NotImplementedError, match="vitg.pth"):
+        load_dino(str(path))
+
+
+def test_dino_default_heads():
+    assert DINOv2(768, 1).blocks[0].attn.num_heads == 12  # head dim 64
