@@ -374,3 +374,123 @@ def test_dino_swiglu_not_supported(tmp_path):
 
 def test_dino_default_heads():
     assert DINOv2(768, 1).blocks[0].attn.num_heads == 12  # head dim 64
+
+
+# =============================================================================================
+# train.py
+
+import train  # noqa: E402  (the scripts are imported here, next to their tests)
+
+TRAIN_TINY = ["--model", "DDT-S/2", "--hidden-size", "32", "--num-heads", "2", "--encoder-depth", "2",
+              "--decoder-depth", "1", "--patch-size", "4", "--global-batch-size", "16", "--log-every", "1",
+              "--sample-every", "0", "--num-workers", "0", "--lr", "2e-3"]
+
+
+def make_dataset(path, n=32, latent_shape=(3, 8, 8), num_classes=4, resolution=None, images=False, seed=0):
+    """A small dataset directory in prepare_latents.py's format, written by hand."""
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lat = np.lib.format.open_memmap(os.path.join(path, "latents.npy"), "w+", np.float16, (n, 2, *latent_shape))
+    lat[:, 0] = rng.uniform(-1, 1, (n, *latent_shape))
+    lat[:, 1] = 0.05
+    lat.flush()
+    np.save(os.path.join(path, "labels.npy"), rng.integers(0, num_classes, n).astype(np.int64))
+    np.save(os.path.join(path, "valid.npy"), np.ones(n, bool))
+    if images:
+        np.save(os.path.join(path, "images.npy"), rng.integers(0, 256, (n, resolution, resolution, 3), dtype=np.uint8))
+    meta = {"format_version": 1, "count": n, "latent_shape": list(latent_shape), "resolution": resolution or
+            latent_shape[1], "vae": "none", "scaling_factor": 1.0, "class_names": [f"c{i}" for i in range(num_classes)],
+            "num_classes": num_classes, "flip": False, "has_images": images}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("toy"))
+    run_script("prepare_latents.py", "--toy", "--out", out)
+    return out
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_lowers_loss_and_writes_grid(toy_data, tmp_path):
+    run = str(tmp_path / "run")
+    train.main(["--data", toy_data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "60", "--log-every", "20",
+                "--sample-every", "60", "--sample-steps", "4"])
+    log = read_log(run)
+    assert [r["step"] for r in log] == [20, 40, 60] and log[-1]["loss"] < 0.8 * log[0]["loss"]
+    assert os.path.isfile(os.path.join(run, "samples", "0000060.png"))
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)  # plain data
+    assert ckpt["step"] == 60 and ckpt["data"]["scaling_factor"] == 1.0
+    ema = load_ddt(os.path.join(run, "ckpt.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), ckpt["ema"].values()))
+
+
+def test_train_exact_resume(tmp_path):
+    data = make_dataset(tmp_path / "data", n=64)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(["--data", data, "--out-dir", a, *TRAIN_TINY, "--max-steps", "6", "--ckpt-every", "3"])
+    train.main(["--data", data, "--out-dir", b, *TRAIN_TINY, "--max-steps", "3", "--ckpt-every", "3"])
+    train.main(["--data", data, "--out-dir", b, *TRAIN_TINY, "--max-steps", "6", "--ckpt-every", "3"])  # resumes
+    ca, cb = (torch.load(os.path.join(r, "ckpt.pt"), weights_only=True) for r in (a, b))
+    assert ca["step"] == cb["step"] == 6
+    for key in ("model", "ema"):
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert not torch.equal(ca["model"]["blocks.0.attn.qkv.weight"], ca["ema"]["blocks.0.attn.qkv.weight"])
+    with pytest.raises(SystemExit, match="trained with"):  # another model in the same run directory
+        train.main(["--data", data, "--out-dir", b, *TRAIN_TINY, "--max-steps", "8", "--hidden-size", "64"])
+
+
+def test_train_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    data = make_dataset(tmp_path / "data", n=64)
+    run = str(tmp_path / "run")
+    train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "2", "--ckpt-every", "1"])
+    lat = np.load(os.path.join(data, "latents.npy"), mmap_mode="r+")
+    lat[:] = np.nan  # the data went bad
+    lat.flush()
+    with pytest.raises(SystemExit, match="non-finite loss or gradient at step 3"):
+        train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "4", "--ckpt-every", "1"])
+    ckpt = ddt.load_checkpoint(os.path.join(run, "ckpt.pt"))
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_train_repa_with_golden_dino(tmp_path):
+    # 128 px images -> DINOv2 at 112 px -> 8 x 8 tokens; 16 x 16 latents at patch 2 -> 8 x 8 tokens
+    data = make_dataset(tmp_path / "data", n=32, latent_shape=(4, 16, 16), resolution=128, images=True)
+    run = str(tmp_path / "run")
+    train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--patch-size", "2", "--max-steps", "3",
+                "--dino", DINO_WEIGHTS, "--repa-layer", "2"])
+    log = read_log(run)
+    assert all(0 < r["repa"] < 2 and r["loss"] == pytest.approx(r["fm"] + 0.5 * r["repa"]) for r in log)
+    proj = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["projector"]
+    assert proj["4.weight"].shape == (128, 32)  # -> the teacher's width
+    no_images = make_dataset(tmp_path / "noimg", n=32, latent_shape=(4, 16, 16))
+    with pytest.raises(SystemExit, match="--images"):
+        train.main(["--data", no_images, "--out-dir", str(tmp_path / "r2"), *TRAIN_TINY, "--dino", DINO_WEIGHTS])
+
+
+def test_train_bad_data_path(tmp_path):
+    with pytest.raises(SystemExit, match="prepare_latents.py"):
+        train.main(["--data", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run"), *TRAIN_TINY])
+
+
+def test_train_ddp_two_ranks_stay_identical(tmp_path):
+    data = make_dataset(tmp_path / "data", n=64)
+    run = str(tmp_path / "run")
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nimport train\n"
+                      f"model = train.main(sys.argv[1:])\n"
+                      f"torch.save(model.state_dict(), os.path.join({run!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(driver),
+               "--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "4", "--log-every", "2")
+    r0, r1 = (torch.load(os.path.join(run, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["step"] == 4
+    assert len(read_log(run)) == 2

@@ -1,0 +1,377 @@
+"""
+Train a DDT with linear flow matching and REPA, as in the paper, from one CPU process to many GPUs.
+
+    python prepare_latents.py --toy --out data/toy                  # built-in toy set, pixel space
+    python train.py --data data/toy --out-dir runs/toy --model DDT-S/2 --max-steps 2000
+    torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
+
+Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU: every random draw of step s
+(data order, t, noise, class dropout, flips) is seeded by (seed, step, rank), so the step number is the
+whole data/RNG state.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ddt
+import sample
+
+# -----------------------------------------------------------------------------------------------
+# data: the memmapped dataset written by prepare_latents.py
+
+
+class LatentBatches:
+    """Batch s of a rank: a fixed permutation of the valid rows per epoch (seeded by the epoch), cut into
+    global batches; the rank takes its interleaved share. Everything is a function of the step."""
+
+    def __init__(self, data_dir, global_batch, rank, world, seed, need_images):
+        meta_path = os.path.join(data_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise SystemExit(f"--data {data_dir}: no meta.json there; make the dataset with prepare_latents.py "
+                             f"(an interrupted prepare_latents run writes meta.json only when it finishes)")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.dir, self.batch, self.rank, self.world, self.seed = data_dir, global_batch, rank, world, seed
+        self.valid = np.flatnonzero(np.load(os.path.join(data_dir, "valid.npy")))
+        self.steps_per_epoch = len(self.valid) // global_batch
+        if self.steps_per_epoch == 0:
+            raise SystemExit(f"--data {data_dir} has {len(self.valid)} valid images, fewer than one global batch "
+                             f"({global_batch}); lower --global-batch-size")
+        if need_images and not self.meta.get("has_images"):
+            raise SystemExit(f"--dino needs the images for REPA, but --data {data_dir} has none: rerun "
+                             f"prepare_latents.py with --images")
+        self.need_images = need_images
+        self.latents = self.flipped = self.images = None  # opened lazily, once per worker process
+        self.epoch, self.order = None, None
+
+    def open(self):
+        if self.latents is None:
+            self.latents = np.load(os.path.join(self.dir, "latents.npy"), mmap_mode="r")  # (N, 2, C, h, w)
+            self.labels = np.load(os.path.join(self.dir, "labels.npy"))
+            if self.meta.get("flip"):
+                self.flipped = np.load(os.path.join(self.dir, "latents_flip.npy"), mmap_mode="r")
+            if self.need_images:
+                self.images = np.load(os.path.join(self.dir, "images.npy"), mmap_mode="r")  # (N, H, W, 3)
+
+    def __call__(self, step):
+        self.open()
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.valid)
+        rows = self.order[i * self.batch:(i + 1) * self.batch][self.rank::self.world]
+        idx = np.sort(rows)  # sorted reads from the memmap
+        lat = self.latents[idx].astype(np.float32)  # (b, 2, C, h, w)
+        out = {"y": torch.from_numpy(self.labels[idx])}
+        flip = np.zeros(len(idx), bool)
+        if self.flipped is not None:  # a random choice of the flipped copy
+            flip = np.random.default_rng([self.seed, step, self.rank, 1]).random(len(idx)) < 0.5
+            lat[flip] = self.flipped[idx[flip]].astype(np.float32)
+        out["mean"], out["std"] = torch.from_numpy(lat[:, 0]), torch.from_numpy(lat[:, 1])
+        if self.images is not None:
+            img = self.images[idx]
+            img = np.where(flip[:, None, None, None], img[:, :, ::-1], img)
+            out["images"] = torch.from_numpy(np.ascontiguousarray(img)).permute(0, 3, 1, 2)  # (b, 3, H, W) uint8
+        return out
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """Item k is the batch of step start + k, so DataLoader workers prefetch the coming steps."""
+
+    def __init__(self, batches, start, stop):
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, k):
+        return self.batches(self.start + k)
+
+
+# -----------------------------------------------------------------------------------------------
+# model pieces used only for training
+
+
+class Student(nn.Module):
+    """The DDT plus the REPA projector, as one module so DDP and torch.compile see both."""
+
+    def __init__(self, model, feature_dim, repa_layer):
+        super().__init__()
+        D = model.cfg.hidden_size
+        self.model, self.repa_layer = model, repa_layer
+        self.projector = None
+        if feature_dim:  # Linear -> SiLU -> Linear -> SiLU -> Linear, as released
+            self.projector = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D), nn.SiLU(),
+                                           nn.Linear(D, feature_dim))
+
+    def forward(self, x_t, t, y):
+        if self.projector is None:
+            return self.model(x_t, t, y)[0], None
+        v, _, h = self.model(x_t, t, y, repa_layer=self.repa_layer)
+        return v, self.projector(h)  # (B, C, H, W), (B, N, feature_dim)
+
+
+def flops_per_image(cfg, H, W):
+    """Forward matmul FLOPs of one image (2 per multiply-add); a training step costs 3x this."""
+    D, p, C = cfg.hidden_size, cfg.patch_size, cfg.in_channels
+    N, hid = (H // p) * (W // p), int(2 * cfg.mlp_ratio * D / 3)
+    per_block = 2 * N * (4 * D * D + 3 * D * hid) + 4 * N * N * D  # qkv + proj + SwiGLU, attention
+    enc = cfg.encoder_depth * (per_block + 2 * 6 * D * D)  # adaLN: one condition per image
+    dec = cfg.decoder_depth * (per_block + 2 * N * 6 * D * D)  # adaLN: one condition per token
+    ends = 2 * N * (2 * C * p * p * D + 2 * D * D + D * C * p * p)  # two embeddings, final layer
+    return enc + dec + ends
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU, for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    ema_p, model_p = list(ema.parameters()), [p.float() for p in model.parameters()]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+
+
+# -----------------------------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train DDT (flow matching + REPA). Defaults are the paper's.")
+    p.add_argument("--data", required=True, help="dataset directory from prepare_latents.py")
+    p.add_argument("--out-dir", required=True, help="run directory: ckpt.pt, log.jsonl, samples/")
+    p.add_argument("--model", default="DDT-XL/2", choices=list(ddt.PRESETS))
+    for name in ("hidden-size", "num-heads", "encoder-depth", "decoder-depth", "patch-size"):
+        p.add_argument(f"--{name}", type=int, help="override the preset's value")
+    p.add_argument("--global-batch-size", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--no-ema-warmup", action="store_true",
+                   help="plain decay from step 0 as in the paper (default: min(decay, (1+s)/(10+s)))")
+    p.add_argument("--max-steps", type=int, help="default: 256 epochs of the dataset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=10000)
+    p.add_argument("--keep-every", type=int, default=0, help="also keep ckpt_STEP.pt every this many steps")
+    p.add_argument("--sample-every", type=int, default=10000, help="EMA sample grid every this many steps (0: off)")
+    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps for the sample grids")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm (0: off, as released)")
+    p.add_argument("--dino", help="DINOv2 weights (dinov2_vitb14_pretrain.pth) to turn REPA on")
+    p.add_argument("--repa-layer", type=int, default=8, help="encoder block (1-based) aligned to DINOv2")
+    p.add_argument("--repa-weight", type=float, default=0.5)
+    p.add_argument("--class-dropout", type=float, default=0.1)
+    p.add_argument("--num-workers", type=int, default=2, help="data loader processes per rank")
+    return p.parse_args(argv)
+
+
+def model_config(args, meta):
+    over = {k: getattr(args, k) for k in ("hidden_size", "num_heads", "encoder_depth", "decoder_depth", "patch_size")
+            if getattr(args, k) is not None}
+    cfg = replace(ddt.PRESETS[args.model], in_channels=meta["latent_shape"][0], num_classes=meta["num_classes"], **over)
+    _, h, w = meta["latent_shape"]
+    if h % cfg.patch_size or w % cfg.patch_size:
+        raise SystemExit(f"--patch-size {cfg.patch_size} does not divide the data's {h}x{w} latents")
+    if cfg.hidden_size % cfg.num_heads or (cfg.hidden_size // cfg.num_heads) % 4:
+        raise SystemExit(f"--hidden-size {cfg.hidden_size} / --num-heads {cfg.num_heads} must give a head dim "
+                         f"divisible by 4")
+    return cfg
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, local_rank, world, device = ddt.setup_dist()
+    master = rank == 0
+    if args.global_batch_size % (world * args.grad_accum):
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} must divide by ranks x --grad-accum "
+                         f"= {world * args.grad_accum}")
+    micro = args.global_batch_size // (world * args.grad_accum)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+    batches = LatentBatches(args.data, args.global_batch_size, rank, world, args.seed, need_images=bool(args.dino))
+    meta = batches.meta
+    cfg = model_config(args, meta)
+    max_steps = args.max_steps or 256 * batches.steps_per_epoch
+    if args.dino and not 1 <= args.repa_layer <= cfg.encoder_depth:
+        raise SystemExit(f"--repa-layer {args.repa_layer} must be in 1..{cfg.encoder_depth} (the encoder depth)")
+
+    teacher = None
+    if args.dino:
+        teacher = ddt.load_dino(args.dino).to(device)
+        H, W = meta["resolution"], meta["resolution"]
+        with torch.no_grad():
+            n_teacher = teacher(torch.zeros(1, 3, H, W, device=device)).shape[1]
+        n_student = (meta["latent_shape"][1] // cfg.patch_size) * (meta["latent_shape"][2] // cfg.patch_size)
+        if n_teacher != n_student:
+            raise SystemExit(f"REPA needs as many DINOv2 tokens as DDT tokens: {n_teacher} from {H} px images vs "
+                             f"{n_student} from {meta['latent_shape'][1:]} latents at --patch-size {cfg.patch_size}")
+
+    # model, EMA, optimizer; raw_model stays unwrapped for saving, EMA and sampling
+    torch.manual_seed(args.seed)
+    raw_model = ddt.DDT(cfg)
+    student = Student(raw_model, teacher.embed_dim if teacher else 0, args.repa_layer).to(device)
+    ema = copy.deepcopy(raw_model).float().requires_grad_(False).eval()
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=args.weight_decay, fused=fused)
+
+    ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
+    if os.path.exists(ckpt_path):  # resume
+        ckpt = ddt.load_checkpoint(ckpt_path)
+        if ckpt["config"] != asdict(cfg):
+            raise SystemExit(f"{ckpt_path} was trained with {ckpt['config']}, but the flags give {asdict(cfg)}; "
+                             f"use the same model flags, or another --out-dir for a new run")
+        if bool(ckpt.get("projector")) != (student.projector is not None):
+            raise SystemExit(f"{ckpt_path} was trained {'with' if ckpt.get('projector') else 'without'} REPA; "
+                             f"resume it {'with' if ckpt.get('projector') else 'without'} --dino")
+        raw_model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        if student.projector is not None:
+            student.projector.load_state_dict(ckpt["projector"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if master:
+            print(f"resumed {ckpt_path} at step {step}")
+    elif master:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+
+    model = torch.compile(student) if args.compile else student
+    if world > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    params = [p for p in student.parameters()]
+
+    def save(step):
+        ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "projector": student.projector.state_dict() if student.projector is not None else {},
+                "step": step, "config": asdict(cfg), "args": vars(args) | {"betas": list(args.betas)},
+                "data": {k: meta[k] for k in ("scaling_factor", "vae", "latent_shape", "resolution",
+                                               "num_classes", "class_names")}}
+        ddt.save_atomic(ckpt, ckpt_path)
+        if args.keep_every and step % args.keep_every == 0:
+            ddt.save_atomic(ckpt, os.path.join(args.out_dir, f"ckpt_{step:07d}.pt"))
+
+    if master:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"{n_params / 1e6:.1f}M parameters, {asdict(cfg)}\n{world} rank(s) x {args.grad_accum} micro-step(s) "
+              f"x {micro} images, {precision}, {len(batches.valid)} images, steps {step} -> {max_steps}")
+    loader = torch.utils.data.DataLoader(StepDataset(batches, step, max_steps), batch_size=None, shuffle=False,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=False, prefetch_factor=4 if args.num_workers else None)
+    scale = meta["scaling_factor"]
+    grid_vae = None  # latent sets: the grids are decoded with the dataset's VAE, if it is still there
+    if master and args.sample_every and meta["vae"] != "none":
+        if os.path.exists(meta["vae"]):
+            grid_vae = ddt.load_vae(meta["vae"]).to(device)
+        else:
+            print(f"sample grids off: the dataset's VAE {meta['vae']} is not there any more")
+            args.sample_every = 0
+    img_flops = 3 * flops_per_image(cfg, *meta["latent_shape"][1:])
+    peak = peak_flops(device)
+    sums = torch.zeros(3, device=device)  # fm loss, repa loss, grad norm, summed over the log interval
+    t0, t_step0 = time.time(), step
+
+    for batch in loader:
+        # one optimizer step of args.grad_accum micro-steps; all draws seeded by (seed, step, rank)
+        gen = torch.Generator(device).manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
+        mean, std, y = (batch[k].to(device, non_blocking=True) for k in ("mean", "std", "y"))
+        x = (mean + std * torch.randn(mean.shape, generator=gen, device=device)) * scale  # posterior sample
+        noise = torch.randn(x.shape, generator=gen, device=device)
+        t = torch.sigmoid(torch.randn(len(x), generator=gen, device=device))  # lognorm t
+        drop = torch.rand(len(x), generator=gen, device=device) < args.class_dropout
+        y = torch.where(drop, cfg.num_classes, y)  # null class for classifier-free guidance
+        x_t = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * noise
+        target = x - noise
+        feats = None
+        if teacher is not None:
+            with torch.no_grad(), autocast:
+                feats = teacher(batch["images"].to(device, non_blocking=True).float() / 255)  # (B, N, 768)
+        for k in range(args.grad_accum):
+            part = slice(k * micro, (k + 1) * micro)
+            sync = k == args.grad_accum - 1 or world == 1
+            with (model.no_sync() if not sync else torch.enable_grad()), autocast:
+                v, proj = model(x_t[part], t[part], y[part])
+                fm = F.mse_loss(v.float(), target[part])
+                repa = torch.zeros((), device=device)
+                if proj is not None:
+                    repa = (1 - F.cosine_similarity(proj.float(), feats[part].float(), dim=-1)).mean()
+                loss = fm + args.repa_weight * repa
+            (loss / args.grad_accum).backward()
+            sums[:2] += torch.stack([fm.detach(), repa.detach()]) / args.grad_accum
+        grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+        if not torch.isfinite(grad_norm):  # the gradients are all-reduced, so every rank stops here together
+            raise SystemExit(f"non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}); stopped "
+                             f"before the update. {ckpt_path} keeps the last good state. Check the data, lower "
+                             f"--lr, or try --precision fp32.")
+        sums[2] += grad_norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        update_ema(ema, raw_model, args.ema_decay if args.no_ema_warmup else min(args.ema_decay, (1 + step) / (10 + step)))
+
+        if step % args.log_every == 0 or step == max_steps:
+            if world > 1:
+                dist.all_reduce(sums)
+            n, dt = (step - t_step0) * world, time.time() - t0
+            fm_l, repa_l, gn = (sums / n).tolist()
+            sps = (step - t_step0) / dt
+            rec = {"step": step, "loss": fm_l + args.repa_weight * repa_l, "fm": fm_l, "repa": repa_l,
+                   "grad_norm": gn, "lr": args.lr, "steps_per_s": sps,
+                   "images_per_s": sps * args.global_batch_size}
+            if device.type == "cuda":
+                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                if peak:
+                    rec["mfu"] = rec["images_per_s"] / world * img_flops / peak
+            if master:
+                print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
+                      flush=True)
+                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            sums.zero_()
+            t0, t_step0 = time.time(), step
+        if master and (step % args.ckpt_every == 0 or step == max_steps or
+                       (args.keep_every and step % args.keep_every == 0)):
+            save(step)
+        if master and args.sample_every and (step % args.sample_every == 0 or step == max_steps):
+            write_grid(ema, grid_vae, meta, args, device, os.path.join(args.out_dir, "samples", f"{step:07d}.png"))
+        if world > 1 and step % args.ckpt_every == 0:
+            dist.barrier()  # no rank runs ahead of a checkpoint being written
+    ddt.cleanup_dist()
+    return raw_model
+
+
+def write_grid(ema, vae, meta, args, device, path):
+    """An EMA sample grid, 8 samples for each of (at most) 10 classes, so progress can be seen."""
+    K = meta["num_classes"]
+    labels = [c for c in list(range(0, K, max(1, K // 10)))[:10] for _ in range(8)]
+    noise = sample.sample_noise(args.seed, range(len(labels)), meta["latent_shape"]).to(device)
+    x = sample.euler_sample(ema, noise, torch.tensor(labels, device=device), num_steps=args.sample_steps)
+    if vae is not None:
+        with torch.no_grad():
+            x = vae.decode(x / meta["scaling_factor"])
+    sample.save_grid(path, sample.to_uint8(x), labels, meta.get("class_names"))
+
+
+if __name__ == "__main__":
+    main()
