@@ -6,6 +6,7 @@
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -14,10 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import ddt
+import prepare_latents
+import train
 from ddt import (DDT, PRESETS, AutoencoderKL, CheckpointError, DDTConfig, DINOv2, load_ddt, load_dino, load_vae,
                  read_safetensors)
+from prepare_latents import center_crop_arr, list_images, make_toy_images
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTDATA = os.path.join(HERE, "testdata")
@@ -377,9 +382,220 @@ def test_dino_default_heads():
 
 
 # =============================================================================================
-# train.py
+# prepare_latents.py
 
-import train  # noqa: E402  (the scripts are imported here, next to their tests)
+
+VAE_TINY = os.path.join(TESTDATA, "vae_tiny")
+
+
+def run_prepare(monkeypatch, *argv):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["prepare_latents.py", *map(str, argv)])
+    prepare_latents.main()
+
+
+def load_dataset(out):
+    arrays = {f[:-4]: np.load(os.path.join(out, f)) for f in sorted(os.listdir(out)) if f.endswith(".npy")}
+    return arrays, json.load(open(os.path.join(out, "meta.json")))
+
+
+def assert_same(out_a, out_b):
+    (a, meta_a), (b, meta_b) = load_dataset(out_a), load_dataset(out_b)
+    assert meta_a == meta_b and a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def make_folder(root, corrupt=False):
+    """3 classes, 8 images of assorted sizes, modes and extensions (+ files that must be ignored).
+    Returns the expected file order."""
+    rng = np.random.default_rng(0)
+    specs = [("ant", "a.png", (40, 30), "RGB"), ("ant", "b.JPEG", (50, 50), "RGB"), ("ant", "c.jpg", (24, 70), "L"),
+             ("bee", "a.PNG", (33, 21), "RGBA"), ("bee", "e.bmp", (20, 20), "RGB"), ("bee", "sub/d.webp", (64, 40), "RGB"),
+             ("cat", "f.jpeg", (90, 45), "RGB"), ("cat", "g.png", (17, 30), "P")]
+    files = []
+    for cls, name, (w, h), mode in specs:
+        path = root / cls / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode).save(path)
+        files.append(str(path))
+    (root / "ant" / "notes.txt").write_text("not an image")
+    (root / "bee" / "._a.jpg").write_bytes(b"macOS metadata, hidden")
+    if corrupt:
+        (root / "bee" / "x.jpg").write_bytes(np.random.default_rng(1).bytes(300))
+        files.insert(6, str(root / "bee" / "x.jpg"))  # sorted after bee/sub/d.webp
+    return files
+
+
+def crop(path, res):
+    with Image.open(path) as im:
+        return center_crop_arr(im.convert("RGB"), res)
+
+
+def test_center_crop_matches_hand_computed_steps():
+    g = np.add.outer(np.arange(60) * 4, np.arange(100) * 2) % 256
+    im = Image.fromarray(np.stack([g, 255 - g, g // 2], -1).astype(np.uint8))  # 100 x 60 (W x H)
+    # no halving (60 < 64); short side 60 -> 32: (round(100 * 32 / 60), 32) = (53, 32); crop columns 10:42
+    expected = np.array(im.resize((53, 32), Image.BICUBIC))[0:32, 10:42]
+    assert np.array_equal(center_crop_arr(im, 32), expected)
+    big = im.resize((200, 140), Image.BICUBIC)
+    # 140 >= 64: BOX to (100, 70); 70 >= 64: BOX to (50, 35); then (round(50 * 32 / 35), 32) = (46, 32); cols 7:39
+    expected = np.array(big.resize((100, 70), Image.BOX).resize((50, 35), Image.BOX)
+                        .resize((46, 32), Image.BICUBIC))[0:32, 7:39]
+    assert np.array_equal(center_crop_arr(big, 32), expected)
+
+
+def test_list_images_order_and_bad_folders(tmp_path, monkeypatch):
+    files = make_folder(tmp_path / "data")
+    got, labels, names = list_images(str(tmp_path / "data"))
+    assert got == files and names == ["ant", "bee", "cat"] and labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    with pytest.raises(SystemExit, match="nope: no such folder"):
+        run_prepare(monkeypatch, "--data-path", tmp_path / "nope", "--vae", "none", "--out", tmp_path / "o")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty: no class subfolders"):
+        list_images(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "cls").mkdir()
+    (tmp_path / "empty" / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(SystemExit, match="empty: no images"):
+        list_images(str(tmp_path / "empty"))
+
+
+def test_pixel_space_dataset(tmp_path, monkeypatch):
+    files = make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    run_prepare(monkeypatch, "--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--images", "--flip",
+        "--out", out, "--chunk-size", 3, "--batch-size", 2, "--num-workers", 2)
+    a, meta = load_dataset(out)
+    crops = np.stack([crop(f, 16) for f in files])  # (8, 16, 16, 3)
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert a["latents"].shape == (8, 2, 3, 16, 16) and a["latents"].dtype == np.float16
+    assert np.array_equal(a["latents"][:, 0], x.half().numpy()) and not a["latents"][:, 1].any()
+    assert np.array_equal(a["latents_flip"][:, 0], x.flip(3).half().numpy())
+    assert np.array_equal(a["images"], crops) and a["valid"].all() and a["labels"].dtype == np.int64
+    m = a["latents"][:, 0].astype(np.float64)
+    assert np.allclose(meta["latent_mean"], m.mean((0, 2, 3))) and np.allclose(meta["latent_std"], m.std((0, 2, 3)))
+    assert {k: meta[k] for k in ("format_version", "count", "latent_shape", "resolution", "vae", "scaling_factor",
+                                 "class_names", "num_classes", "flip", "has_images", "invalid_files")} == {
+        "format_version": 1, "count": 8, "latent_shape": [3, 16, 16], "resolution": 16, "vae": "none",
+        "scaling_factor": 1.0, "class_names": ["ant", "bee", "cat"], "num_classes": 3, "flip": True,
+        "has_images": True, "invalid_files": []}
+    assert not os.path.exists(out / "meta.json.tmp")
+
+
+def test_vae_dataset_matches_direct_encode(tmp_path, monkeypatch):
+    files = make_folder(tmp_path / "data")
+    run_prepare(monkeypatch, "--data-path", tmp_path / "data", "--vae", VAE_TINY, "--resolution", 16, "--flip",
+        "--out", tmp_path / "out", "--batch-size", 3, "--num-workers", 0)
+    a, meta = load_dataset(tmp_path / "out")
+    x = torch.from_numpy(np.stack([crop(f, 16) for f in files])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vae = ddt.load_vae(VAE_TINY)
+    for name, img in (("latents", x), ("latents_flip", x.flip(3))):
+        with torch.no_grad():
+            mean, logvar = vae.encode(img)  # (8, 4, 4, 4): the tiny VAE downsamples by 4
+        assert a[name].shape == (8, 2, 4, 4, 4)
+        assert np.allclose(a[name][:, 0], mean.numpy(), rtol=2e-3, atol=2e-3)
+        assert np.allclose(a[name][:, 1], torch.exp(0.5 * logvar).numpy(), rtol=2e-3, atol=1e-5)
+    assert meta["latent_shape"] == [4, 4, 4] and meta["scaling_factor"] == ddt.VAE_SCALE
+    assert meta["vae"] == VAE_TINY and not meta["has_images"] and "images" not in a
+
+
+def test_corrupt_file_is_reported_and_excluded(tmp_path, monkeypatch, capsys):
+    files = make_folder(tmp_path / "data", corrupt=True)
+    run_prepare(monkeypatch, "--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--images",
+        "--out", tmp_path / "out", "--chunk-size", 4, "--batch-size", 4, "--num-workers", 0)
+    bad = str(tmp_path / "data" / "bee" / "x.jpg")
+    assert f"warning: cannot read image {bad}" in capsys.readouterr().err
+    a, meta = load_dataset(tmp_path / "out")
+    assert a["valid"].tolist() == [f != bad for f in files] and meta["invalid_files"] == [bad]
+    assert not a["latents"][6].any() and not a["images"][6].any() and meta["count"] == 9
+    assert np.array_equal(a["images"][7], crop(files[7], 16))
+
+
+def test_interrupted_then_resumed_equals_one_run(tmp_path, monkeypatch):
+    make_folder(tmp_path / "data")
+    args = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--images", "--flip",
+            "--chunk-size", 3, "--batch-size", 2, "--num-workers", 0]
+    run_prepare(monkeypatch, *args, "--out", tmp_path / "ref")
+    # a real interruption mid-chunk: encoder calls are the shape probe, then two per batch (image and flip);
+    # chunk 0 is batches [0, 1] and [2] (calls 2-5); call 6, the first of chunk 1, raises
+    encode, calls = prepare_latents.encode_batch, []
+
+    def crashing_encode(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return encode(*a, **k)
+
+    monkeypatch.setattr(prepare_latents, "encode_batch", crashing_encode)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(monkeypatch, *args, "--out", tmp_path / "cut")
+    assert os.listdir(tmp_path / "cut" / ".progress") == ["chunk_000000.done"]
+    assert not os.path.exists(tmp_path / "cut" / "meta.json")  # not marked complete
+    monkeypatch.setattr(prepare_latents, "encode_batch", encode)
+    run_prepare(monkeypatch, *args, "--out", tmp_path / "cut")
+    assert_same(tmp_path / "ref", tmp_path / "cut")
+    # lost progress: a chunk without its marker and with garbage rows is redone on the rerun
+    shutil.copytree(tmp_path / "ref", tmp_path / "lost")
+    os.remove(tmp_path / "lost" / ".progress" / "chunk_000001.done")
+    os.remove(tmp_path / "lost" / "meta.json")
+    for name in ("latents", "latents_flip", "images"):
+        arr = np.load(tmp_path / "lost" / f"{name}.npy", mmap_mode="r+")
+        arr[3:6] = 7
+        arr.flush()
+    run_prepare(monkeypatch, *args, "--out", tmp_path / "lost")
+    assert_same(tmp_path / "ref", tmp_path / "lost")
+
+
+def test_toy_is_deterministic_with_ten_distinct_classes(tmp_path, monkeypatch):
+    run_prepare(monkeypatch, "--toy", "--out", tmp_path / "t1")
+    run_prepare(monkeypatch, "--toy", "--out", tmp_path / "t2")
+    assert_same(tmp_path / "t1", tmp_path / "t2")
+    for f in ("latents.npy", "labels.npy", "valid.npy", "images.npy"):  # byte-identical files
+        assert (tmp_path / "t1" / f).read_bytes() == (tmp_path / "t2" / f).read_bytes()
+    a, meta = load_dataset(tmp_path / "t1")
+    assert meta["num_classes"] == 10 and len(set(meta["class_names"])) == 10 and meta["count"] == 5000
+    assert meta["has_images"] and meta["vae"] == "none" and meta["latent_shape"] == [3, 32, 32]
+    assert a["images"].shape == (5000, 32, 32, 3) and np.bincount(a["labels"]).tolist() == [500] * 10
+    # distinct at a glance: a nearest-class-mean classifier on 8 x 8 thumbnails already separates them
+    images, labels, _ = make_toy_images(n_per_class=60, seed=1)
+    thumbs = images.reshape(-1, 8, 4, 8, 4, 3).mean((2, 4)).reshape(len(images), -1)
+    train, test = np.arange(len(images)) % 2 == 0, np.arange(len(images)) % 2 == 1
+    centres = np.stack([thumbs[train & (labels == k)].mean(0) for k in range(10)])
+    pred = ((thumbs[test][:, None] - centres) ** 2).sum(-1).argmin(1)
+    assert (pred == labels[test]).mean() > 0.9
+
+
+def test_other_settings_refused_then_overwritten(tmp_path, monkeypatch, capsys):
+    make_folder(tmp_path / "data")
+    args = ["--data-path", tmp_path / "data", "--vae", "none", "--out", tmp_path / "out", "--num-workers", 0]
+    run_prepare(monkeypatch, *args, "--resolution", 16)
+    run_prepare(monkeypatch, *args, "--resolution", 16)  # same settings: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"other settings \(resolution: 16 -> 24\).*--overwrite"):
+        run_prepare(monkeypatch, *args, "--resolution", 24)
+    assert load_dataset(tmp_path / "out")[1]["resolution"] == 16  # untouched
+    run_prepare(monkeypatch, *args, "--resolution", 24, "--overwrite")
+    a, meta = load_dataset(tmp_path / "out")
+    assert meta["resolution"] == 24 and a["latents"].shape == (8, 2, 3, 24, 24)
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    make_folder(tmp_path / "data")
+    vae = VAE_TINY if hasattr(ddt, "load_vae") else "none"
+    args = ["prepare_latents.py", "--data-path", str(tmp_path / "data"), "--vae", vae, "--resolution", "16",
+            "--images", "--chunk-size", "2", "--batch-size", "2", "--num-workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for cmd, out in (([sys.executable], "one"), ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node=2"], "two")):
+        r = subprocess.run(cmd + args + ["--out", str(tmp_path / out)], cwd=HERE, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
+# =============================================================================================
+# train.py
 
 TRAIN_TINY = ["--model", "DDT-S/2", "--hidden-size", "32", "--num-heads", "2", "--encoder-depth", "2",
               "--decoder-depth", "1", "--patch-size", "4", "--global-batch-size", "16", "--log-every", "1",

@@ -1,0 +1,352 @@
+"""
+Encode an image dataset once into the nanoDDT dataset directory that train.py reads: one memmapped array of VAE
+posteriors (mean and std, so that training draws a fresh sample mean + std * eps each time), labels, a validity
+mask, optionally the cropped pixels (for REPA), and meta.json.
+
+    # ImageNet train/ (one subfolder per class) through the SD-VAE, 256 px, with pixels for REPA
+    torchrun --nproc_per_node=8 prepare_latents.py --data-path /data/imagenet/train \
+        --vae /ckpt/sd-vae-ft-ema --resolution 256 --images --out data/in256
+    # the same on one GPU or the CPU (no torchrun); rerun the same command to resume after an interruption
+    python prepare_latents.py --data-path /data/imagenet/train --vae /ckpt/sd-vae-ft-ema --out data/in256
+    # pixel space: the "latent" is the image in [-1, 1] with std 0
+    python prepare_latents.py --data-path my_images/ --vae none --resolution 64 --images --out data/px64
+    # the built-in toy set (10 bold shape/pattern classes, 32 x 32, 5000 images) for the CPU quick start
+    python prepare_latents.py --toy --out data/toy
+
+OUT/latents.npy       float16 (N, 2, C, h, w): [:, 0] posterior mean, [:, 1] std (unscaled latents)
+OUT/latents_flip.npy  the same for the horizontally flipped images (--flip; off in the paper)
+OUT/labels.npy        int64 (N,);  OUT/valid.npy  bool (N,), False for an unreadable file (its rows are zero)
+OUT/images.npy        uint8 (N, R, R, 3) center crops (--images)
+OUT/meta.json         count, shapes, class names, VAE and scaling factor, per-channel latent mean/std, ...;
+                      written last, it marks the dataset complete
+Images are center-cropped as ADM/DiT do (center_crop_arr). Work goes in chunks of --chunk-size images, spread
+over the ranks, with the same batches whatever the number of ranks (so the result does not depend on it); a
+finished chunk leaves OUT/.progress/chunk_XXXXXX.done, and a rerun with the same settings skips it.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import ddt
+
+FORMAT_VERSION = 1
+IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}  # compared lower-case: .JPEG, .PNG, ... match too
+OUTPUT_FILES = ("latents.npy", "latents_flip.npy", "labels.npy", "valid.npy", "images.npy", "meta.json",
+                "settings.json", ".progress")
+TOY_CLASSES = {"red_disk": (230, 30, 30), "blue_square": (40, 80, 250), "green_triangle": (30, 200, 50),
+               "yellow_cross": (245, 225, 30), "magenta_ring": (235, 40, 225), "cyan_diamond": (30, 225, 235),
+               "orange_x": (255, 140, 0), "horizontal_stripes": (240, 240, 240),
+               "vertical_stripes": (165, 80, 255), "checkerboard": (255, 140, 185)}  # name: RGB colour
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM/DiT center crop: halve with BOX while the short side is >= 2x the target, resize the short side
+    to image_size with BICUBIC, crop the center. Returns uint8 (image_size, image_size, 3)."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+def list_images(root):
+    """Class-per-subfolder tree (ImageNet train/ layout) -> (files, labels int64 (N,), class_names).
+    Classes are the sorted subfolder names (labels 0..K-1); files (any depth below the class folder, hidden
+    ones skipped) are sorted within each class."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"--data-path {root}: no such folder")
+    class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not class_names:
+        raise SystemExit(f"--data-path {root}: no class subfolders (expected one subfolder of images per class)")
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found += [os.path.join(dirpath, f) for f in filenames
+                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+        if not found:
+            print(f"warning: class folder {os.path.join(root, name)} holds no images", file=sys.stderr)
+        files += sorted(found)
+        labels += [label] * len(found)
+    if not files:
+        raise SystemExit(f"--data-path {root}: no images ({', '.join(sorted(IMAGE_EXTS))}) in its class subfolders")
+    return files, np.array(labels, dtype=np.int64), class_names
+
+
+def make_toy_images(n_per_class=500, size=32, seed=0):
+    """The built-in toy set: 10 bold shape/pattern classes (TOY_CLASSES), each with its own colour, on a dark
+    tinted background, with random position/size/phase/colour jitter and a little noise. Deterministic.
+    Returns (images uint8 (N, size, size, 3), labels int64 (N,), class_names), N = 10 * n_per_class."""
+    rng = np.random.default_rng(seed)
+    n = n_per_class
+    y, x = (np.mgrid[0:size, 0:size] + 0.5) / size  # (S, S) pixel centres in [0, 1]
+    images = []
+    for name, colour in TOY_CLASSES.items():
+        cx, cy = rng.uniform(0.38, 0.62, (2, n, 1, 1))  # shape centre
+        r = rng.uniform(0.22, 0.32, (n, 1, 1))  # shape "radius", fraction of the image
+        dx, dy = x - cx, y - cy  # (n, S, S)
+        period = rng.uniform(0.1, 0.16, (n, 1, 1))  # stripe / square width, fraction of the image
+        phase = rng.uniform(0, 2, (2, n, 1, 1))
+        box = np.maximum(abs(dx), abs(dy))  # (n, S, S) distance to the centre in the max norm
+        masks = {  # computed on demand: only this class's one
+            "red_disk": lambda: dx ** 2 + dy ** 2 < r ** 2,
+            "blue_square": lambda: box < 0.85 * r,
+            "green_triangle": lambda: (abs(dx) < 0.6 * (dy + r)) & (dy < r),
+            "yellow_cross": lambda: (np.minimum(abs(dx), abs(dy)) < 0.33 * r) & (box < r),
+            "magenta_ring": lambda: abs(np.sqrt(dx ** 2 + dy ** 2) - 0.75 * r) < 0.25 * r,
+            "cyan_diamond": lambda: abs(dx) + abs(dy) < 1.15 * r,
+            "orange_x": lambda: (np.minimum(abs(dx - dy), abs(dx + dy)) < 0.45 * r) & (box < r),
+            "horizontal_stripes": lambda: (y / period + phase[0]) % 2 < 1,
+            "vertical_stripes": lambda: (x / period + phase[0]) % 2 < 1,
+            "checkerboard": lambda: (np.floor(x / period + phase[0]) + np.floor(y / period + phase[1])) % 2 == 0,
+        }
+        fg = np.array(colour) + rng.uniform(-30, 30, (n, 1, 1, 3))  # (n, 1, 1, 3)
+        bg = rng.uniform(15, 75, (n, 1, 1, 1)) + rng.uniform(-15, 15, (n, 1, 1, 3))
+        img = np.where(masks[name]()[..., None], fg, bg) + 5 * rng.standard_normal((n, size, size, 3), np.float32)
+        images.append(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+    labels = np.repeat(np.arange(len(TOY_CLASSES), dtype=np.int64), n)
+    return np.concatenate(images), labels, list(TOY_CLASSES)
+
+
+class ImageFiles(Dataset):
+    """files[i] -> (i, uint8 (R, R, 3) center crop, error). An unreadable file gives zeros and its error."""
+
+    def __init__(self, files, resolution):
+        self.files, self.resolution = files, resolution
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                im = im.convert("RGB")
+        except Exception as e:  # any decoder failure means one bad file: reported and marked invalid, not fatal
+            return i, torch.zeros(self.resolution, self.resolution, 3, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+        return i, torch.from_numpy(np.ascontiguousarray(center_crop_arr(im, self.resolution))), ""
+
+
+@torch.no_grad()
+def encode_batch(vae, images, precision="fp32"):
+    """uint8 (B, H, W, 3) -> float32 (B, 2, C, h, w) on the CPU: posterior mean and std (unscaled).
+    vae=None: pixel space, mean = the image in [-1, 1], std = 0."""
+    device = "cpu" if vae is None else next(vae.parameters()).device
+    x = images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+    if vae is None:
+        return torch.stack([x, torch.zeros_like(x)], 1)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    with torch.autocast(x.device.type, dtype=dtype, enabled=precision != "fp32"):
+        mean, logvar = vae.encode(x)  # (B, C, h, w) each
+    std = torch.exp(0.5 * logvar.float().clamp(-30.0, 20.0))  # the clamp of diffusers' DiagonalGaussian
+    return torch.stack([mean.float(), std], 1).cpu()
+
+
+def write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def check_out(out, settings, overwrite):
+    """What to do with --out: "new" (nothing of ours there, or --overwrite), "resume" (same settings, not
+    finished) or "done" (same settings, finished). A dataset made with other settings stops the run."""
+    if overwrite or not any(os.path.exists(os.path.join(out, f)) for f in OUTPUT_FILES):
+        return "new"
+    old = None
+    if os.path.exists(os.path.join(out, "settings.json")):
+        with open(os.path.join(out, "settings.json")) as f:
+            old = json.load(f)
+    if old != settings:
+        diff = "no settings.json" if old is None else ", ".join(
+            f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+            if old.get(k) != settings.get(k))
+        raise SystemExit(f"--out {out} already holds a dataset made with other settings ({diff}); "
+                         f"choose another --out, or pass --overwrite to replace it")
+    return "done" if os.path.exists(os.path.join(out, "meta.json")) else "resume"
+
+
+def create_files(out, arrays, labels, settings):
+    """Fresh dataset files in `out` (ours only are removed), settings.json last: it makes a rerun resume."""
+    os.makedirs(out, exist_ok=True)
+    for f in OUTPUT_FILES:
+        path = os.path.join(out, f)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    os.makedirs(os.path.join(out, ".progress"))
+    for name, (dtype, shape) in arrays.items():
+        np.lib.format.open_memmap(os.path.join(out, name), mode="w+", dtype=dtype, shape=shape).flush()
+    np.save(os.path.join(out, "labels.npy"), labels)
+    write_json(settings, os.path.join(out, "settings.json"))
+
+
+def latent_stats(latents, valid, block=4096):
+    """Per-channel mean and std of the posterior means over the valid rows (float64 sums, read in blocks)."""
+    s, s2, count = 0.0, 0.0, 0
+    for a in range(0, len(latents), block):
+        m = latents[a: a + block, 0][valid[a: a + block]].astype(np.float64)  # (b, C, h, w)
+        s, s2, count = s + m.sum((0, 2, 3)), s2 + (m ** 2).sum((0, 2, 3)), count + m[:, 0].size
+    mean = s / count
+    return mean.tolist(), np.sqrt(np.maximum(s2 / count - mean ** 2, 0)).tolist()
+
+
+def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=None, batch_size=64,
+                  num_workers=4, rank=0, world_size=1, overwrite=False):
+    """Encode `dataset` (items (i, uint8 (R, R, 3), error string)) into the dataset directory `out`, on every
+    rank. `settings` (JSON-able: resolution, vae, vae_precision, flip, images, chunk_size, and what identifies
+    the input) fixes what is written; it is kept in out/settings.json so that a rerun resumes or refuses."""
+    N, R, cs = len(dataset), settings["resolution"], settings["chunk_size"]
+    state = check_out(out, settings, overwrite)
+    barrier()  # every rank has looked at --out before rank 0 changes it
+    if state == "done":
+        if rank == 0:
+            print(f"{out} already holds this dataset, complete; nothing to do (--overwrite to redo it)")
+        return
+    C, h, w = encode_batch(vae, torch.zeros(1, R, R, 3, dtype=torch.uint8), settings["vae_precision"]).shape[2:]
+    arrays = {"latents.npy": (np.float16, (N, 2, C, h, w)), "valid.npy": (np.bool_, (N,))}
+    if settings["flip"]:
+        arrays["latents_flip.npy"] = (np.float16, (N, 2, C, h, w))
+    if settings["images"]:
+        arrays["images.npy"] = (np.uint8, (N, R, R, 3))
+    if rank == 0 and state == "new":
+        create_files(out, arrays, labels, settings)
+    barrier()
+    try:
+        mm = {name: np.load(os.path.join(out, name), mmap_mode="r+") for name in arrays}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--out {out}: cannot reopen the unfinished dataset ({e}); pass --overwrite to restart it")
+
+    def marker(c):
+        return os.path.join(out, ".progress", f"chunk_{c:06d}.done")
+
+    todo = [c for c in range(math.ceil(N / cs)) if not os.path.exists(marker(c))]
+    barrier()  # every rank has listed the finished chunks before anyone marks new ones
+    mine = todo[rank::world_size]  # a fresh run: chunk c -> rank c % world_size
+    ends = {c: min((c + 1) * cs, N) for c in mine}
+    batches = [list(range(a, min(a + batch_size, ends[c]))) for c in mine for a in range(c * cs, ends[c], batch_size)]
+    left = {c: ends[c] - c * cs for c in mine}  # rows still to write, per chunk
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    bar = tqdm(total=sum(left.values()), unit="img", disable=rank != 0, desc=f"rank 0 of {world_size}")
+    for idx, img, err in loader:  # (B,), (B, R, R, 3) uint8, B strings; idx is a contiguous range a:b
+        a, b = idx[0].item(), idx[-1].item() + 1
+        ok = torch.tensor([e == "" for e in err])
+        for i, e in zip(idx.tolist(), err):
+            if e:
+                bar.write(f"warning: cannot read image {files[i] if files else i}: {e} (marked invalid)", sys.stderr)
+        for name in ("latents.npy", "latents_flip.npy"):
+            if name in mm:
+                view = img.flip(2) if name == "latents_flip.npy" else img  # flip along W
+                lat = encode_batch(vae, view, settings["vae_precision"])  # (B, 2, C, h, w)
+                mm[name][a:b] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
+        if "images.npy" in mm:
+            mm["images.npy"][a:b] = img.numpy()
+        mm["valid.npy"][a:b] = ok.numpy()
+        left[a // cs] -= b - a
+        if left[a // cs] == 0:  # the chunk's rows reach the disk before its marker
+            for arr in mm.values():
+                arr.flush()
+            open(marker(a // cs), "w").close()
+        bar.update(b - a)
+    bar.close()
+    if rank != 0:
+        return
+    while not all(os.path.exists(marker(c)) for c in todo):  # other ranks still at work; polling the markers,
+        time.sleep(1)  # not a barrier, so that uneven shares never hit a collective timeout
+    latents, valid = np.load(os.path.join(out, "latents.npy"), mmap_mode="r"), np.load(os.path.join(out, "valid.npy"))
+    if not valid.any():
+        raise SystemExit(f"none of the {N} images could be read; see the warnings above")
+    mean, std = latent_stats(latents, valid)
+    meta = {"format_version": FORMAT_VERSION, "count": N, "latent_shape": [C, h, w], "resolution": R,
+            "vae": settings["vae"], "scaling_factor": 1.0 if vae is None else ddt.VAE_SCALE,
+            "class_names": list(class_names), "num_classes": len(class_names), "flip": settings["flip"],
+            "has_images": settings["images"], "latent_mean": mean, "latent_std": std, "num_valid": int(valid.sum()),
+            "invalid_files": [files[i] if files else str(i) for i in np.flatnonzero(~valid)]}
+    write_json(meta, os.path.join(out, "meta.json"))  # last: marks the dataset complete
+    print(f"wrote {out}: {N} images ({N - meta['num_valid']} invalid), {len(class_names)} classes, latents "
+          f"(2, {C}, {h}, {w}), per-channel mean {np.round(mean, 3).tolist()} std {np.round(std, 3).tolist()}")
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Encode an image folder (or the toy set) into a nanoDDT dataset.")
+    p.add_argument("--data-path", help="class-per-subfolder image tree (ImageNet train/ layout)")
+    p.add_argument("--toy", action="store_true", help="write the built-in toy set (pixel space, 32 px, 5000 images)")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--vae", help="VAE for ddt.load_vae (a diffusers AutoencoderKL folder or file), or 'none' "
+                                 "for pixel space; required with --data-path, 'none' by default with --toy")
+    p.add_argument("--vae-precision", choices=["fp32", "bf16", "fp16"], default="bf16",
+                   help="autocast dtype of the VAE on GPU (always fp32 on the CPU)")
+    p.add_argument("--resolution", type=int, help="center-crop size in pixels (default 256; 32 with --toy)")
+    p.add_argument("--images", action="store_true", help="also store the cropped pixels (images.npy, for REPA; "
+                                                         "~250 GB for ImageNet at 256 px); implied by --toy")
+    p.add_argument("--flip", action="store_true", help="also encode the flipped images (latents_flip.npy); "
+                                                       "off in the paper")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per rank")
+    p.add_argument("--chunk-size", type=int, default=1024, help="images per unit of work (and of resuming)")
+    p.add_argument("--num-workers", type=int, default=8, help="image-loading processes per rank")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset made with other settings in --out")
+    args = p.parse_args(argv)
+    if args.toy == (args.data_path is not None):
+        p.error("give exactly one of --data-path DIR and --toy")
+    if args.vae is None and not args.toy:
+        p.error("--vae is required with --data-path (a VAE folder or file, or 'none' for pixel space)")
+    if min(args.batch_size, args.chunk_size) < 1 or args.num_workers < 0:
+        p.error("--batch-size and --chunk-size must be >= 1, --num-workers >= 0")
+    args.vae = args.vae or "none"
+    args.resolution = args.resolution or (32 if args.toy else 256)
+    return args
+
+
+def main():
+    args = parse_args()
+    rank, _, world_size, device = ddt.setup_dist()
+    try:
+        if args.toy:
+            images, labels, class_names = make_toy_images(size=args.resolution)
+            dataset, files, source = [(i, torch.from_numpy(im), "") for i, im in enumerate(images)], None, "toy"
+            fingerprint = hashlib.sha1(images.tobytes()).hexdigest()
+            args.images, args.num_workers = True, 0
+        else:
+            files, labels, class_names = list_images(args.data_path)
+            dataset, source = ImageFiles(files, args.resolution), os.path.abspath(args.data_path)
+            fingerprint = hashlib.sha1("\n".join(f"{f}\t{l}" for f, l in zip(files, labels)).encode()).hexdigest()
+        vae = None
+        if args.vae != "none":
+            try:
+                vae = ddt.load_vae(args.vae).to(device)
+            except (OSError, ValueError) as e:  # missing or unfit VAE files: the message says which and why
+                raise SystemExit(f"--vae: {e}")
+        precision = args.vae_precision if vae is not None and device.type == "cuda" else "fp32"
+        settings = {"format_version": FORMAT_VERSION, "source": source, "count": len(labels),
+                    "files_sha1": fingerprint, "vae": args.vae if vae is None else os.path.abspath(args.vae),
+                    "vae_precision": precision, "resolution": args.resolution, "flip": args.flip,
+                    "images": args.images, "chunk_size": args.chunk_size}
+        write_dataset(args.out, dataset, labels, class_names, settings, vae=vae, files=files,
+                      batch_size=args.batch_size, num_workers=args.num_workers, rank=rank,
+                      world_size=world_size, overwrite=args.overwrite)
+    finally:
+        ddt.cleanup_dist()
+
+
+if __name__ == "__main__":
+    main()
