@@ -331,15 +331,14 @@ def load_checkpoint(path, allow_pickle=False):
 
 
 def infer_config(sd):
-    """What the weights say about the architecture (the encoder/decoder split cannot be read from them)."""
+    """What the weights say about the architecture. Not readable from them: the encoder/decoder split, and
+    channels vs patch size (only C * p * p is)."""
     try:
-        D, in_dim = sd["x_embedder.proj.weight"].shape
+        D, patch_dim = sd["x_embedder.proj.weight"].shape
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
         d = sd["blocks.0.attn.q_norm.weight"].shape[0]
-        C = sd["final_layer.linear.weight"].shape[0] // (in_dim // sd["final_layer.linear.weight"].shape[0])
-        p = int(round(math.sqrt(in_dim // C))) if C else 0
-        return dict(hidden_size=D, num_heads=D // d, depth=depth, in_channels=in_dim // (p * p) if p else 0,
-                    patch_size=p, num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+        return dict(hidden_size=D, num_heads=D // d, depth=depth, patch_dim=patch_dim,
+                    num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
     except (KeyError, ValueError, ZeroDivisionError):
         return None
 
@@ -363,9 +362,9 @@ def check_state_dict(model, sd, source):
         fits = [n for n, c in PRESETS.items() if c.hidden_size == info["hidden_size"]
                 and c.encoder_depth + c.decoder_depth == info["depth"]]
         lines.append(f"  the weights have hidden size {info['hidden_size']}, {info['num_heads']} heads, "
-                     f"{info['depth']} blocks, patch {info['patch_size']}, {info['in_channels']} channels, "
-                     f"{info['num_classes']} classes" + (f": preset {', '.join(fits)} fits" if fits else "")
-                     + "; the encoder/decoder split cannot be read from the weights (--encoder-depth).")
+                     f"{info['depth']} blocks, channels x patch^2 = {info['patch_dim']}, {info['num_classes']} "
+                     f"classes" + (f": preset {', '.join(fits)} fits" if fits else "") + "; the encoder/decoder "
+                     f"split cannot be read from the weights: pick the preset (or --encoder-depth) that has it")
     raise CheckpointError("\n".join(lines))
 
 

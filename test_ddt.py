@@ -3,6 +3,7 @@
     python -m pytest -q test_ddt.py
 """
 
+import itertools
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from PIL import Image
 
 import ddt
 import prepare_latents
+import sample
 import train
 from ddt import (DDT, PRESETS, AutoencoderKL, CheckpointError, DDTConfig, DINOv2, load_ddt, load_dino, load_vae,
                  read_safetensors)
@@ -140,7 +143,7 @@ def test_load_ddt_wrong_preset_says_what_fits():
     with pytest.raises(CheckpointError) as e:
         load_ddt(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), "DDT-S/2")
     msg = str(e.value)
-    assert "shape mismatch" in msg and "hidden size 32" in msg and "6 blocks" in msg and "--encoder-depth" in msg
+    assert "shape mismatch" in msg and "hidden size 32" in msg and "6 blocks" in msg and "= 16" in msg and "split" in msg
     with pytest.raises(CheckpointError, match="unexpected"):  # right width, one block too few
         load_ddt(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), DDTConfig(**{**TINY.__dict__, "decoder_depth": 1}))
     with pytest.raises(CheckpointError, match="--model"):  # released checkpoint without a config
@@ -592,6 +595,315 @@ def test_two_process_gloo_matches_one_process(tmp_path):
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     assert_same(tmp_path / "one", tmp_path / "two")
+
+
+# =============================================================================================
+# sample.py
+
+
+def tiny_model(in_channels=4, num_classes=10, seed=0):
+    torch.manual_seed(seed)
+    cfg = ddt.DDTConfig(in_channels=in_channels, patch_size=2, hidden_size=32, num_heads=2, encoder_depth=2,
+                        decoder_depth=1, num_classes=num_classes)
+    model = ddt.DDT(cfg)
+    for p in model.final_layer.parameters():  # zero at init (v = 0): give it weights so samples move
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+class Spy:
+    """Wraps a model and records, per call, the batch size, the time and whether the encoder ran."""
+
+    def __init__(self, model):
+        self.model, self.cfg, self.calls = model, model.cfg, []
+
+    def __call__(self, x, t, y, z=None):
+        self.calls.append((x.shape[0], float(t[0]), z is None))
+        return self.model(x, t, y, z)
+
+
+def reference_sample(model, noise, y, N, w, interval, last_step=0.04, shift=1.0, encoder_steps=None,
+                     null_reuses_cond_z=False):
+    """The released sampler written out: both halves (null first) at every step, z of both halves reused."""
+    t = torch.cat([torch.linspace(0, 1 - last_step, N), torch.ones(1)])
+    t = t / (t + (1 - t) * shift)
+    B = len(y)
+    yy = torch.cat([torch.full_like(y, model.cfg.num_classes), y])
+    x, z = noise, None
+    for i in range(N):
+        run = encoder_steps is None or i in encoder_steps
+        v, z_i = model(torch.cat([x, x]), t[i].repeat(2 * B), yy, None if run else z)
+        if run:
+            z = torch.cat([z_i[B:], z_i[B:]]) if null_reuses_cond_z else z_i
+        v_null, v_cond = v.chunk(2)
+        v = v_null + w * (v_cond - v_null) if interval[0] < t[i] < interval[1] else v_cond
+        x = x + v * (t[i + 1] - t[i])
+    return x
+
+
+def schedule_cost_loop(cost, steps):
+    total, r = 0.0, 0
+    for i in range(len(cost)):
+        r = i if i in steps else r
+        total += cost[i][r]
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- DP
+
+
+def test_solve_sharing_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for N in range(1, 8):
+        for kind in ("asymmetric", "symmetric", "cosine"):
+            if kind == "cosine":  # a real 1 - cos matrix
+                z = rng.normal(size=(N, 5))
+                z /= np.linalg.norm(z, axis=1, keepdims=True)
+                cost = 1 - z @ z.T
+            else:
+                cost = rng.random((N, N))
+                cost = (cost + cost.T) / 2 if kind == "symmetric" else cost
+            for k in range(1, N + 1):
+                best = min(schedule_cost_loop(cost, (0,) + c) for c in itertools.combinations(range(1, N), k - 1))
+                for c in (cost, torch.from_numpy(cost)):
+                    steps = sample.solve_sharing(c, k)
+                    assert steps[0] == 0 and len(steps) == k and steps == sorted(set(steps))
+                    assert np.isclose(schedule_cost_loop(cost, steps), best, rtol=0, atol=1e-12)
+                    assert np.isclose(sample.sharing_cost(cost, steps), best, rtol=0, atol=1e-12)
+
+
+def test_solve_sharing_bad_k_and_uniform():
+    for k in (0, 6):
+        with pytest.raises(ValueError, match="--encoder-steps"):
+            sample.solve_sharing(np.zeros((5, 5)), k)
+    with pytest.raises(ValueError, match="--encoder-steps"):
+        sample.uniform_schedule(5, 6)
+    for n in range(1, 40):
+        for k in range(1, n + 1):
+            s = sample.uniform_schedule(n, k)
+            assert len(s) == k and s[0] == 0 and s == sorted(set(s)) and s[-1] < n
+    assert sample.uniform_schedule(250, 125) == list(range(0, 250, 2))
+    assert sample.uniform_schedule(10, 10) == list(range(10))
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+
+
+def test_timesteps_as_released():
+    t = sample.timesteps(5, 0.04, 1.0)
+    released = torch.cat([torch.linspace(0.0, 0.96, 5), torch.tensor([1.0])])
+    assert torch.equal(t, released / (released + (1 - released) * 1.0))  # float32, the same ops
+    assert torch.allclose(t, torch.tensor([0.0, 0.24, 0.48, 0.72, 0.96, 1.0]))
+    shifted = sample.timesteps(5, 0.04, 3.0)
+    assert torch.allclose(shifted, t / (t + (1 - t) * 3.0)) and shifted[-1] == 1.0
+    assert torch.equal(sample.timesteps(1, 0.04), torch.tensor([0.0, 1.0]))
+
+
+def test_all_encoder_steps_is_bit_identical_and_encoder_runs_k_times():
+    model, N, B = tiny_model(), 8, 3
+    noise, y = torch.randn(B, 4, 8, 8), torch.tensor([1, 5, 9])
+    for w in (1.0, 2.0):
+        a = sample.euler_sample(model, noise, y, N, w, encoder_steps=None)
+        b = sample.euler_sample(model, noise, y, N, w, encoder_steps=list(range(N)))
+        assert torch.equal(a, b)
+    for k in (1, 3, 8):
+        spy, stats = Spy(model), {}
+        steps = sample.uniform_schedule(N, k)
+        sample.euler_sample(spy, noise, y, N, 1.0, encoder_steps=steps, stats=stats)
+        assert [i for i, c in enumerate(spy.calls) if c[2]] == steps
+        assert stats == {"encoder_evals": k * B, "decoder_evals": N * B}
+    with pytest.raises(ValueError):
+        sample.euler_sample(model, noise, y, N, encoder_steps=[1, 3])  # must start at step 0
+
+
+def test_cfg_scale_one_is_conditional_sampling():
+    model, N = tiny_model(), 6
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 4])
+    spy, stats = Spy(model), {}
+    x = sample.euler_sample(spy, noise, y, N, cfg_scale=1.0, stats=stats)
+    assert all(c[0] == 2 for c in spy.calls) and stats["decoder_evals"] == N * 2
+    t, ref = sample.timesteps(N), noise
+    for i in range(N):  # plain conditional Euler
+        ref = ref + model(ref, t[i].repeat(2), y)[0] * (t[i + 1] - t[i])
+    assert torch.equal(x, ref)
+    assert torch.allclose(x, reference_sample(model, noise, y, N, 1.0, (0.3, 1.0)), atol=1e-5)
+
+
+def test_guidance_interval_is_strict_as_released():
+    model, N = tiny_model(), 8
+    t = sample.timesteps(N)
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 7])
+    spy = Spy(model)
+    lo = t[3].item()  # exactly the time of step 3: no guidance there
+    sample.euler_sample(spy, noise, y, N, 3.0, (lo, 1.0))
+    assert [c[0] for c in spy.calls] == [2, 2, 2, 2, 4, 4, 4, 4]
+    spy = Spy(model)
+    sample.euler_sample(spy, noise, y, N, 3.0, (0.0, t[5].item()))  # t = 0 and t = hi excluded too
+    assert [c[0] for c in spy.calls] == [2, 4, 4, 4, 4, 2, 2, 2]
+    x = sample.euler_sample(model, noise, y, N, 3.0, (lo, 1.0))
+    assert torch.allclose(x, reference_sample(model, noise, y, N, 3.0, (lo, 1.0)), atol=1e-5)
+
+
+@pytest.mark.parametrize("interval", [(0.3, 1.0), (0.3, 0.7)])
+def test_sharing_with_guidance_equals_both_halves_always(interval):
+    model, N, B = tiny_model(), 10, 3
+    noise, y = torch.randn(B, 4, 8, 8), torch.tensor([2, 4, 6])
+    t = sample.timesteps(N)  # 0, .107, .213, .32, ...: step 2 is outside the interval, step 3 inside
+    steps = [0, 2, 5, 8]
+    spy, stats = Spy(model), {}
+    x = sample.euler_sample(spy, noise, y, N, 4.0, interval, encoder_steps=steps, stats=stats)
+    ref = reference_sample(model, noise, y, N, 4.0, interval, encoder_steps=steps)
+    assert torch.allclose(x, ref, atol=1e-5), (x - ref).abs().max()
+    wrong = reference_sample(model, noise, y, N, 4.0, interval, encoder_steps=steps, null_reuses_cond_z=True)
+    assert (wrong - ref).abs().max() > 1e-3  # the test can tell a wrong unconditional z
+    guided = [interval[0] < float(ti) < interval[1] for ti in t[:N]]
+    assert spy.calls[2][0] == 2 * B and not guided[2] and guided[3]  # z for both halves at step 2
+    assert all(c[0] == (2 * B if g else B) for i, (c, g) in enumerate(zip(spy.calls, guided)) if i != 2)
+    assert stats["encoder_evals"] == sum(spy.calls[i][0] for i in steps)
+    assert stats["decoder_evals"] == sum(c[0] for c in spy.calls)
+
+
+def test_samples_do_not_depend_on_batching():
+    model = tiny_model()
+    noise = sample.sample_noise(7, range(5), (4, 8, 8))
+    assert torch.equal(noise, torch.cat([sample.sample_noise(7, [0, 1], (4, 8, 8)),
+                                         sample.sample_noise(7, range(2, 5), (4, 8, 8))]))
+    y = torch.tensor([0, 1, 2, 3, 4])
+    full = sample.euler_sample(model, noise, y, 6, 2.0, encoder_steps=[0, 3])
+    parts = [sample.euler_sample(model, noise[s:e], y[s:e], 6, 2.0, encoder_steps=[0, 3]) for s, e in [(0, 2), (2, 5)]]
+    assert torch.allclose(full, torch.cat(parts), atol=1e-5)
+
+
+def test_measured_cost_and_dp_beats_uniform():
+    model, N = tiny_model(), 12
+    record = []
+    sample.euler_sample(model, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]), N, record_z=record)
+    assert len(record) == N and record[0].shape == (2, 16, 32) and record[0].dtype == torch.float32
+    cost = sample.measure_sharing_cost(model, N, (4, 8, 8), batch_size=4, cfg_scale=2.0)
+    assert cost.shape == (N, N) and cost.dtype == np.float64
+    assert np.allclose(np.diag(cost), 0, atol=1e-6) and np.allclose(cost, cost.T, atol=1e-9)
+    assert np.array_equal(cost, sample.measure_sharing_cost(model, N, (4, 8, 8), batch_size=4, cfg_scale=2.0))
+    for k in range(1, N + 1):
+        dp, uni = sample.solve_sharing(cost, k), sample.uniform_schedule(N, k)
+        assert sample.sharing_cost(cost, dp) <= sample.sharing_cost(cost, uni) + 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def save_tiny_ckpt(path, in_channels=3, vae="none", scaling=1.0, released=False):
+    model = tiny_model(in_channels=in_channels, num_classes=4)
+    sd = model.state_dict()
+    if released:
+        ckpt = {"state_dict": {f"ema_denoiser.{k}": v for k, v in sd.items()}}
+    else:
+        ckpt = {"config": asdict(model.cfg), "model": sd, "ema": sd, "step": 0,
+                "data": {"scaling_factor": scaling, "vae": vae, "latent_shape": [in_channels, 8, 8],
+                         "num_classes": 4, "class_names": ["cat", "dog", "owl", "eel"], "resolution": 8}}
+    ddt.save_atomic(ckpt, str(path))
+    return str(path)
+
+
+def cli(monkeypatch, *argv):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, argv)])
+    sample.main()
+
+
+def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    args = ["--ckpt", ckpt, "--num-samples", 10, "--num-steps", 6, "--batch-size", 4, "--cfg-scale", 2.0,
+            "--encoder-steps", 3]
+    cli(monkeypatch, *args, "--npz", tmp_path / "a.npz", "--out", tmp_path / "a.png")
+    out = capsys.readouterr().out
+    assert "encoder steps (DP" in out and "images/s" in out
+    with np.load(tmp_path / "a.npz") as f:
+        assert set(f.files) == {"arr_0", "arr_1"}
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (10, 8, 8, 3)
+        assert f["arr_1"].dtype == np.int64 and f["arr_1"].tolist() == [i % 4 for i in range(10)]
+        images = f["arr_0"]
+    assert not (tmp_path / "a_parts").exists()
+    cache = json.load(open(ckpt + ".sharing.json"))
+    assert [len(v["steps"]) for v in cache.values()] == [3]
+    from PIL import Image
+    assert Image.open(tmp_path / "a.png").size[0] == 8 * 8
+
+    # resume: the first run dies after one batch; the rerun reads the DP schedule from the cache and samples the rest
+    real, calls = sample.euler_sample, []
+
+    def dies_after_one(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample, "euler_sample", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        cli(monkeypatch, *args, "--npz", tmp_path / "b.npz")
+    assert len(os.listdir(tmp_path / "b_parts")) == 1
+    capsys.readouterr()
+
+    def counting(*a, **k):
+        calls.append(2)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample, "euler_sample", counting)
+    cli(monkeypatch, *args, "--npz", tmp_path / "b.npz", "--out", tmp_path / "b.png")
+    assert "cached" in capsys.readouterr().out and calls.count(2) == 2  # batches [4, 8) and [8, 10)
+    with np.load(tmp_path / "b.npz") as f:
+        assert np.array_equal(f["arr_0"], images)
+
+
+def test_cli_latent_models(tmp_path, monkeypatch):
+    # released (Lightning) layout with a preset, and a project checkpoint of a latent model; both need --vae
+    released = tmp_path / "ddt_official_tiny.ckpt"  # the golden Lightning checkpoint: 4 + 2 blocks, 10 classes
+    released.write_bytes(open(f"{HERE}/testdata/ddt_official_tiny.ckpt", "rb").read())
+    monkeypatch.setitem(ddt.PRESETS, "DDT-T/2", ddt.DDTConfig(hidden_size=32, num_heads=2, encoder_depth=4,
+                                                               decoder_depth=2, num_classes=10))
+    cli(monkeypatch, "--ckpt", released, "--model", "DDT-T/2", "--vae", VAE_TINY, "--image-size", 32, "--num-steps", 3,
+        "--classes", 3, 1, "--num-samples", 4, "--cfg-scale", 1.5, "--npz", tmp_path / "r.npz")
+    with np.load(tmp_path / "r.npz") as f:  # latent (4, 4, 4) -> 16 x 16 pixels through the tiny VAE_TINY
+        assert f["arr_0"].shape == (4, 16, 16, 3) and f["arr_1"].tolist() == [3, 1, 3, 1]
+    latent = save_tiny_ckpt(tmp_path / "latent.pt", in_channels=4, vae=VAE_TINY, scaling=0.18215)
+    cli(monkeypatch, "--ckpt", latent, "--vae", VAE_TINY, "--num-steps", 3, "--num-samples", 2, "--out", tmp_path / "l.png")
+    assert (tmp_path / "l.png").exists()
+
+
+def test_cli_bad_input(tmp_path, monkeypatch):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    base = ["--ckpt", ckpt, "--num-steps", 4, "--out", tmp_path / "g.png"]
+    with pytest.raises(SystemExit, match=r"--classes \[4\] out of range"):
+        cli(monkeypatch, *base, "--classes", 1, 4)
+    for k in (0, 5):
+        with pytest.raises(SystemExit, match="--encoder-steps"):
+            cli(monkeypatch, *base, "--encoder-steps", k)
+    latent = save_tiny_ckpt(tmp_path / "latent.pt", in_channels=4, vae="sd-vae-ft-ema", scaling=0.18215)
+    with pytest.raises(SystemExit, match="--vae"):
+        cli(monkeypatch, "--ckpt", latent, "--num-steps", 4)
+    released = save_tiny_ckpt(tmp_path / "released.ckpt", released=True)
+    with pytest.raises(SystemExit, match="does not fit"):
+        cli(monkeypatch, "--ckpt", released, "--model", "DDT-S/2", "--vae", VAE_TINY, "--num-steps", 4)
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli(monkeypatch, "--ckpt", tmp_path / "missing.pt")
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpt, "--classes", "9"], cwd=HERE,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "out of range" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_ranks_give_the_same_npz(tmp_path, monkeypatch):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    args = ["--ckpt", ckpt, "--num-samples", 7, "--num-steps", 5, "--cfg-scale", 2.0, "--encoder-steps", 3,
+            "--sharing", "uniform", "--seed", 3]
+    cli(monkeypatch, *args, "--batch-size", 4, "--npz", tmp_path / "one.npz")  # one process
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "sample.py", *map(str, args), "--batch-size", "2", "--npz", str(tmp_path / "two.npz")],
+                         cwd=HERE, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        assert np.array_equal(a["arr_1"], b["arr_1"])
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # batch-size rounding only
 
 
 # =============================================================================================

@@ -1,0 +1,412 @@
+"""
+Sample images from a DDT: the released Euler sampler, classifier-free guidance on an interval, and
+encoder sharing (run the condition encoder at K of the N steps, the steps chosen by a dynamic program).
+
+    python sample.py --ckpt out/ckpt.pt --num-samples 16 --out grid.png               # project checkpoint
+    python sample.py --ckpt ddt_xl_256.ckpt --model DDT-XL/2 --vae sd-vae-ft-ema \\
+        --classes 207 360 387 974 --cfg-scale 2.0 --out grid.png                       # released weights
+    torchrun --nproc_per_node 8 sample.py --ckpt ddt_xl_256.ckpt --vae sd-vae-ft-ema \\
+        --num-samples 50000 --cfg-scale 2.0 --encoder-steps 125 --npz samples.npz      # ADM evaluator input
+
+Project checkpoints carry their config and data description; released (Lightning) ones take --model
+(DDT-XL/2) and --image-size (256), and are ImageNet models on SD-VAE latents. The noise of sample i depends only on (--seed, i), so the images do not depend on the
+number of ranks or the batch size. With --npz, finished batches go to NPZ_parts/ and a rerun skips them.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import ddt
+
+# -----------------------------------------------------------------------------------------------
+# timesteps and guidance
+
+
+def timesteps(num_steps, last_step=0.04, timeshift=1.0):
+    """(N + 1,) float32 times as released: linspace(0, 1 - last_step, N), then 1.0, warped by the shift."""
+    if last_step is None or num_steps == 1:
+        last_step = 1.0 / num_steps
+    t = torch.cat([torch.linspace(0.0, 1.0 - last_step, num_steps), torch.ones(1)])
+    return t / (t + (1 - t) * timeshift)
+
+
+def guided_steps(t, cfg_scale, cfg_interval):
+    """Per step: is guidance on? Strictly inside the interval, as released (a t equal to a bound gets none)."""
+    lo, hi = cfg_interval
+    return [cfg_scale != 1.0 and bool(lo < t_i < hi) for t_i in t]  # t_i float32, compared as released
+
+
+def plan_halves(guided, encoder_runs):
+    """Per step: run the unconditional half too (2B)? At guided steps, and at an encoder step whose z is
+    reused by a later guided step: that z must then exist for both halves."""
+    both, need = [False] * len(guided), False
+    for i in reversed(range(len(guided))):
+        need = need or guided[i]
+        both[i] = need if encoder_runs[i] else guided[i]
+        if encoder_runs[i]:
+            need = False
+    return both
+
+
+@torch.no_grad()
+def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04,
+                 timeshift=1.0, encoder_steps=None, stats=None, record_z=None):
+    """Integrate dx/dt = v(x, t) from noise (t = 0) to data (t = 1) with Euler steps; returns the final x.
+
+    v = v_null + cfg_scale * (v_cond - v_null) at steps with interval_min < t < interval_max, the conditional
+    v elsewhere (where only the conditional half runs). `encoder_steps`: sorted step indices where the
+    encoder runs (None = all, must contain 0); the other steps reuse the latest z. Optional outputs:
+    `stats` gets "encoder_evals" / "decoder_evals" (images) added, `record_z` gets each computed z
+    (conditional half, float32, cpu) appended. The result equals running both halves at every step.
+    """
+    B = noise.shape[0]
+    if encoder_steps is None:
+        encoder_steps = range(num_steps)
+    encoder_steps = list(encoder_steps)
+    if not encoder_steps or encoder_steps[0] != 0 or encoder_steps != sorted(set(encoder_steps)) \
+            or encoder_steps[-1] >= num_steps:
+        raise ValueError(f"encoder_steps must be sorted distinct steps in [0, {num_steps}) starting with 0, "
+                         f"got {encoder_steps}")
+    t = timesteps(num_steps, last_step, timeshift)
+    encoder_runs = [False] * num_steps
+    for i in encoder_steps:
+        encoder_runs[i] = True
+    guided = guided_steps(t[:num_steps], cfg_scale, cfg_interval)
+    both = plan_halves(guided, encoder_runs)
+    t = t.to(noise.device, noise.dtype)
+    y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])  # (2B,) conditional half first, then null
+    stats = {} if stats is None else stats
+    x, z = noise, None
+    for i in range(num_steps):
+        n = 2 * B if both[i] else B
+        x_in = torch.cat([x, x]) if both[i] else x  # (n, C, H, W), n = B or 2B
+        v, z_i = model(x_in, t[i].repeat(n), y2[:n], None if encoder_runs[i] else z[:n])
+        if encoder_runs[i]:
+            z = z_i  # (n, N, D), reused until the next encoder step
+            stats["encoder_evals"] = stats.get("encoder_evals", 0) + n
+            if record_z is not None:
+                record_z.append(z_i[:B].detach().float().cpu())
+        stats["decoder_evals"] = stats.get("decoder_evals", 0) + n
+        if guided[i]:
+            v_cond, v_null = v.chunk(2)
+            v = v_null + cfg_scale * (v_cond - v_null)
+        else:
+            v = v[:B]
+        x = x + v * (t[i + 1] - t[i])
+    return x
+
+
+# -----------------------------------------------------------------------------------------------
+# encoder sharing
+
+
+def solve_sharing(cost, k):
+    """The k encoder steps R (sorted, R[0] = 0) minimizing sum_i cost[i, r(i)], r(i) = max{a in R: a <= i}.
+
+    A segment [a, b) served by the encoder run at step a costs seg[a, b] = sum_{i=a}^{b-1} cost[i, a]
+    (column cumulative sums). F[m, b], the best cost of steps 0..b-1 with m runs, the last segment ending
+    at b, obeys  F[1, b] = seg[0, b],  F[m, b] = min_{a < b} F[m-1, a] + seg[a, b];  the answer is F[k, N],
+    and back-tracking the minimizing a's gives R. Exact, O(k N^2) time.
+    """
+    cost = np.asarray(cost.detach().cpu() if torch.is_tensor(cost) else cost, dtype=np.float64)
+    N = cost.shape[0]
+    if cost.shape != (N, N):
+        raise ValueError(f"cost must be a square matrix, got shape {cost.shape}")
+    if not 1 <= k <= N:
+        raise ValueError(f"--encoder-steps must be between 1 and the number of steps {N}, got {k}")
+    P = np.concatenate([np.zeros((1, N)), np.cumsum(cost, axis=0)])  # P[b, a] = sum_{i<b} cost[i, a]
+    seg = P.T - np.diagonal(P)[:, None]  # (N, N + 1): seg[a, b] = P[b, a] - P[a, a]
+    seg[np.arange(N + 1)[None, :] <= np.arange(N)[:, None]] = math.inf  # empty segments: b <= a
+    F_, arg = np.full((k + 1, N + 1), math.inf), np.zeros((k + 1, N + 1), dtype=np.int64)
+    F_[1] = seg[0]
+    for m in range(2, k + 1):
+        total = F_[m - 1, :N, None] + seg  # (a, b)
+        arg[m], F_[m] = total.argmin(axis=0), total.min(axis=0)
+    steps, b = [], N
+    for m in range(k, 1, -1):
+        b = int(arg[m, b])
+        steps.append(b)
+    return [0] + steps[::-1]
+
+
+def sharing_cost(cost, steps):
+    """sum_i cost[i, r(i)] of a schedule (the objective solve_sharing minimizes)."""
+    cost = np.asarray(cost, dtype=np.float64)
+    r = np.maximum.accumulate(np.isin(np.arange(len(cost)), steps) * np.arange(len(cost)))
+    return float(cost[np.arange(len(cost)), r].sum())
+
+
+def uniform_schedule(n, k):
+    """The baseline: k steps spread evenly over n, [round(i * n / k)], distinct since n / k >= 1."""
+    if not 1 <= k <= n:
+        raise ValueError(f"--encoder-steps must be between 1 and the number of steps {n}, got {k}")
+    return [(2 * i * n + k) // (2 * k) for i in range(k)]  # round half up, in integers
+
+
+def sample_noise(seed, indices, shape):
+    """(len(indices), *shape) float32 noise; sample i's depends only on (seed, i), never on batch or rank."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                        for i in indices])
+
+
+def measure_sharing_cost(model, num_steps, latent_shape, num_classes=None, batch_size=8, seed=0, device=None,
+                         **sampler_kwargs):
+    """(N, N) float64 cost[i, j] = 1 - cos(z_i, z_j), averaged over the images of a small seeded batch and
+    over tokens (cosine over D), from one sampling run with the encoder at every step."""
+    K = model.cfg.num_classes if num_classes is None else num_classes
+    device = next(model.parameters()).device if device is None else device
+    y = torch.tensor([i * K // batch_size for i in range(batch_size)], device=device)  # spread over classes
+    zs = []  # num_steps x (B, tokens, D)
+    euler_sample(model, sample_noise(seed, range(batch_size), latent_shape).to(device), y, num_steps,
+                 encoder_steps=None, record_z=zs, **sampler_kwargs)
+    gram = torch.zeros(num_steps, num_steps, dtype=torch.float64)
+    for b in range(batch_size):  # one image at a time keeps the float64 copy small
+        zb = F.normalize(torch.stack([z[b] for z in zs]).double(), dim=-1).flatten(1)  # (num_steps, tokens * D)
+        gram += zb @ zb.T
+    return (1.0 - gram / (batch_size * zs[0].shape[1])).numpy()
+
+
+# -----------------------------------------------------------------------------------------------
+# images out
+
+
+def to_uint8(x):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 with the ADM / released rounding."""
+    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_npz(path, images, labels):
+    """ADM evaluator layout: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,); written atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, arr_0=np.asarray(images, dtype=np.uint8), arr_1=np.asarray(labels, dtype=np.int64))
+    os.replace(tmp, path)
+
+
+def save_grid(path, images, labels, class_names=None, cols=8):
+    """Images in rows of `cols`, each with its class name (or index) written under it."""
+    n, H, W, _ = images.shape
+    cols, text_h = min(cols, n), 14
+    rows = math.ceil(n / cols)
+    canvas = Image.new("RGB", (cols * W, rows * (H + text_h)), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for i in range(n):
+        r, c = divmod(i, cols)
+        canvas.paste(Image.fromarray(images[i]), (c * W, r * (H + text_h)))
+        name = class_names[labels[i]] if class_names else str(labels[i])
+        draw.text((c * W + 2, r * (H + text_h) + H + 1), name[: max(1, W // 6)], fill="black", font=font)
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    tmp = f"{path}.tmp{os.getpid()}"
+    canvas.save(tmp, format=fmt)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------------------------
+# command line
+
+GRID_MAX = 64  # a grid shows at most this many images: one of 50k helps nobody
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs):
+    """--encoder-steps K with --sharing uniform|dp; a DP schedule is cached as JSON next to the checkpoint."""
+    N = args.num_steps
+    if k == N:
+        return None
+    if args.sharing == "uniform":
+        return uniform_schedule(N, k)
+    key = json.dumps(dict(num_steps=N, k=k, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+                          timeshift=args.timeshift, last_step=args.last_step, latent_shape=list(latent_shape),
+                          ckpt_bytes=os.path.getsize(args.ckpt), ckpt_mtime=os.path.getmtime(args.ckpt)))
+    paths = [os.path.join(d, os.path.basename(args.ckpt) + ".sharing.json") for d in cache_dirs]
+    for path in paths:
+        if key in (cache := read_json(path)):
+            print(f"encoder steps (DP, cached in {path}): {cache[key]['steps']}")
+            return cache[key]["steps"]
+    with autocast:
+        cost = measure_sharing_cost(model, N, latent_shape, device=device, cfg_scale=args.cfg_scale,
+                                    cfg_interval=args.cfg_interval, last_step=args.last_step,
+                                    timeshift=args.timeshift)
+    steps = solve_sharing(cost, k)
+    entry = dict(steps=steps, cost=sharing_cost(cost, steps), uniform_cost=sharing_cost(cost, uniform_schedule(N, k)))
+    print(f"encoder steps (DP, reuse cost {entry['cost']:.4f} vs uniform {entry['uniform_cost']:.4f}): {steps}")
+    for path in paths:  # next to the checkpoint, else next to the output
+        try:
+            cache = read_json(path)
+            cache[key] = entry
+            with open(f"{path}.tmp{os.getpid()}", "w") as f:
+                json.dump(cache, f, indent=1)
+            os.replace(f"{path}.tmp{os.getpid()}", path)
+            break
+        except OSError:
+            continue
+    return steps
+
+
+def checkpoint_info(args):
+    """(config for load_ddt, latent_shape, scaling_factor, vae_name, class_names) of either checkpoint kind."""
+    ckpt = ddt.load_checkpoint(args.ckpt, args.allow_pickle)
+    if isinstance(ckpt, dict) and "config" in ckpt:  # nanoDDT: config and data description inside
+        d = ckpt.get("data") or {}
+        if not {"latent_shape", "scaling_factor"} <= d.keys():
+            raise SystemExit(f"error: '{args.ckpt}' has no 'data' entry with latent_shape and scaling_factor")
+        return args.model, tuple(d["latent_shape"]), d["scaling_factor"], str(d.get("vae", "none")), \
+            d.get("class_names")
+    # released Lightning checkpoint (or not a checkpoint at all: load_ddt says so): ImageNet, SD-VAE latents
+    config = args.model or "DDT-XL/2"
+    C = ddt.PRESETS[config].in_channels if config in ddt.PRESETS else 4
+    return config, (C, args.image_size // 8, args.image_size // 8), ddt.VAE_SCALE, "sd-vae-ft-ema", None
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="project checkpoint, or a released Lightning one (see --model)")
+    p.add_argument("--model", default=None, help="preset of a released checkpoint (default DDT-XL/2)")
+    p.add_argument("--image-size", type=int, default=256, help="released checkpoints: image size (latent = /8)")
+    p.add_argument("--vae", default=None, help="SD-VAE folder or weights file (latent models only)")
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="class of each sample (cycled)")
+    p.add_argument("--num-samples", type=int, default=None, help="default: len(--classes), else 8")
+    p.add_argument("--num-steps", type=int, default=250)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (paper: 2.0 at 256 px)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.3, 1.0], metavar=("MIN", "MAX"))
+    p.add_argument("--timeshift", type=float, default=1.0)
+    p.add_argument("--last-step", type=float, default=0.04)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder-steps", type=int, default=None, help="encoder runs K (default: every step)")
+    p.add_argument("--sharing", choices=["dp", "uniform"], default="dp", help="which K steps run the encoder")
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
+    p.add_argument("--out", default=None, help="labelled grid image (default samples.png without --npz)")
+    p.add_argument("--npz", default=None, help="ADM-evaluator .npz (arr_0 uint8 NHWC, arr_1 int64 labels)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--allow-pickle", action="store_true", help="trust a checkpoint that needs pickle")
+    args = p.parse_args()
+    args.out = args.out or (None if args.npz else "samples.png")
+    for flag, value in (("--num-steps", args.num_steps), ("--batch-size", args.batch_size),
+                        ("--num-samples", args.num_samples or 1)):
+        if value < 1:
+            raise SystemExit(f"error: {flag} must be at least 1, got {value}")
+    if args.encoder_steps is not None and not 1 <= args.encoder_steps <= args.num_steps:
+        raise SystemExit(f"error: --encoder-steps must be between 1 and --num-steps ({args.num_steps}), "
+                         f"got {args.encoder_steps}")
+
+    rank, _, world, device = ddt.setup_dist()
+    try:
+        run(args, rank, world, device)
+    finally:
+        ddt.cleanup_dist()
+
+
+def run(args, rank, world, device):
+    try:
+        config, latent_shape, scale, vae_name, names = checkpoint_info(args)
+        pixel = vae_name.lower() == "none"
+        if not pixel and args.vae is None:
+            raise SystemExit(f"error: '{args.ckpt}' is a latent model (its VAE: {vae_name}): pass --vae PATH")
+        model = ddt.load_ddt(args.ckpt, config, ema=True, allow_pickle=args.allow_pickle).to(device)
+        vae = None if pixel else ddt.load_vae(args.vae).to(device)
+    except (OSError, ValueError) as e:  # ddt.CheckpointError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+    K, k = model.cfg.num_classes, args.encoder_steps or args.num_steps
+    classes = args.classes if args.classes is not None else list(range(K))
+    if bad := [c for c in classes if not 0 <= c < K]:
+        raise SystemExit(f"error: --classes {bad} out of range: the model has classes 0..{K - 1}")
+    n = args.num_samples or (len(args.classes) if args.classes else 8)
+    if n > GRID_MAX and not args.npz:
+        print(f"without --npz only the {GRID_MAX} images of the grid are sampled, not {n}")
+        n = GRID_MAX
+    labels = [classes[i % len(classes)] for i in range(n)]  # balanced when n is a multiple of len(classes)
+    bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    out_dir = os.path.dirname(os.path.abspath(args.npz or args.out))
+
+    steps = None
+    if rank == 0:
+        steps = sharing_schedule(args, k, model, latent_shape, device, autocast,
+                                 [os.path.dirname(os.path.abspath(args.ckpt)), out_dir])
+    if world > 1:
+        steps = [steps]
+        dist.broadcast_object_list(steps, src=0)
+        steps = steps[0]
+
+    settings = dict(ckpt=os.path.abspath(args.ckpt), mtime=os.path.getmtime(args.ckpt), seed=args.seed,
+                    num_steps=args.num_steps, cfg=[args.cfg_scale] + args.cfg_interval, timeshift=args.timeshift,
+                    last_step=args.last_step, encoder_steps=steps, bf16=bf16, vae=args.vae, classes=classes)
+    tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # parts of other settings never mix in
+    parts = os.path.splitext(args.npz)[0] + "_parts" if args.npz else None
+    if parts:
+        os.makedirs(parts, exist_ok=True)
+
+    def part_path(s, e):
+        return os.path.join(parts, f"{s:07d}_{e:07d}_{tag}.npz")
+
+    chunks = [(s, min(s + args.batch_size, n)) for s in range(0, n, args.batch_size)]
+    kept, stats, done, t0 = {}, {"encoder_evals": 0, "decoder_evals": 0}, 0, time.time()
+    for s, e in tqdm(chunks[rank::world], disable=rank != 0, desc=f"sampling on {world} rank(s)"):
+        if parts and os.path.exists(part_path(s, e)):
+            continue  # finished by an earlier run
+        noise = sample_noise(args.seed, range(s, e), latent_shape).to(device)  # (b, C, H, W)
+        with autocast:
+            x = euler_sample(model, noise, torch.tensor(labels[s:e], device=device), args.num_steps,
+                             args.cfg_scale, tuple(args.cfg_interval), args.last_step, args.timeshift, steps,
+                             stats=stats)
+        with torch.no_grad():
+            img = to_uint8(x if pixel else vae.decode(x.float() / scale))  # (b, H, W, 3) uint8
+        if parts:
+            save_npz(part_path(s, e), img, labels[s:e])
+        else:
+            kept.update(zip(range(s, e), img))
+        done += e - s
+
+    counts = torch.tensor([done, stats["encoder_evals"], stats["decoder_evals"]], dtype=torch.float64)
+    if world > 1:  # sum the counts, bring the images to rank 0
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, kept)
+        kept = {i: im for g in gathered for i, im in g.items()}
+        dist.barrier()  # every part is on disk
+    if rank != 0:
+        return
+    done, enc, dec = counts.tolist()
+    secs = time.time() - t0
+    print(f"sampled {int(done)} images in {secs:.1f}s ({done / max(secs, 1e-9):.2f} images/s); evaluations "
+          f"(images x steps, both CFG halves): encoder {int(enc)}, decoder {int(dec)}")
+    if parts:
+        images = None
+        for s, e in chunks:
+            with np.load(part_path(s, e)) as f:
+                images = np.empty((n, *f["arr_0"].shape[1:]), np.uint8) if images is None else images
+                images[s:e] = f["arr_0"]
+        save_npz(args.npz, images, labels)
+        for s, e in chunks:
+            os.remove(part_path(s, e))
+        if not os.listdir(parts):
+            os.rmdir(parts)
+        print(f"wrote {args.npz}: arr_0 uint8 {images.shape}, arr_1 int64 labels")
+    else:
+        images = np.stack([kept[i] for i in range(n)])
+    if args.out:
+        save_grid(args.out, images[:GRID_MAX], labels[:GRID_MAX], names)
+        print(f"wrote {args.out}" + (f" (the first {GRID_MAX} of {n} images)" if n > GRID_MAX else ""))
+
+
+if __name__ == "__main__":
+    main()
