@@ -287,6 +287,9 @@ class DDT(nn.Module):
 
 
 PRESETS = {
+    # the CPU quick start on the toy set (train.py takes channels and classes from the dataset)
+    "DDT-Toy/4": DDTConfig(in_channels=3, patch_size=4, hidden_size=96, num_heads=4, encoder_depth=4, decoder_depth=2,
+                           num_classes=10),  # 6 blocks, 1.1M
     "DDT-S/2": DDTConfig(hidden_size=384, num_heads=6, encoder_depth=8, decoder_depth=4),  # 12 blocks, 33M
     "DDT-B/2": DDTConfig(hidden_size=768, num_heads=12, encoder_depth=8, decoder_depth=4),  # 12 blocks, 130M
     "DDT-L/2": DDTConfig(hidden_size=1024, num_heads=16, encoder_depth=20, decoder_depth=4),  # 24 blocks, 458M

@@ -196,7 +196,10 @@ def save_npz(path, images, labels):
 
 
 def save_grid(path, images, labels, class_names=None, cols=8):
-    """Images in rows of `cols`, each with its class name (or index) written under it."""
+    """Images in rows of `cols`, each with its class name (or index) written under it. Small images are
+    enlarged (nearest neighbour) to at least 64 px so that they and their names can be seen."""
+    up = max(1, 64 // images.shape[1])
+    images = images.repeat(up, axis=1).repeat(up, axis=2)
     n, H, W, _ = images.shape
     cols, text_h = min(cols, n), 14
     rows = math.ceil(n / cols)
@@ -216,7 +219,7 @@ def save_grid(path, images, labels, class_names=None, cols=8):
 # -----------------------------------------------------------------------------------------------
 # command line
 
-GRID_MAX = 64  # a grid shows at most this many images: one of 50k helps nobody
+GRID_MAX = 100  # a grid shows at most this many images: one of 50k helps nobody
 
 
 def read_json(path):
@@ -404,7 +407,8 @@ def run(args, rank, world, device):
     else:
         images = np.stack([kept[i] for i in range(n)])
     if args.out:
-        save_grid(args.out, images[:GRID_MAX], labels[:GRID_MAX], names)
+        cols = len(classes) if len(classes) <= 16 else 8  # one column per class
+        save_grid(args.out, images[:GRID_MAX], labels[:GRID_MAX], names, cols)
         print(f"wrote {args.out}" + (f" (the first {GRID_MAX} of {n} images)" if n > GRID_MAX else ""))
 
 

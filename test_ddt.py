@@ -825,8 +825,7 @@ def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "a_parts").exists()
     cache = json.load(open(ckpt + ".sharing.json"))
     assert [len(v["steps"]) for v in cache.values()] == [3]
-    from PIL import Image
-    assert Image.open(tmp_path / "a.png").size[0] == 8 * 8
+    assert Image.open(tmp_path / "a.png").size[0] == 4 * 64  # a column per class, 8 px images shown at 64 px
 
     # resume: the first run dies after one batch; the rerun reads the DP schedule from the cache and samples the rest
     real, calls = sample.euler_sample, []
