@@ -143,7 +143,7 @@ def sharing_table(model, shape, device, precision, num_steps, ks, batch, cfg_sca
 
     ref, t_ref = run(None)
     with autocast:
-        cost = sample.measure_sharing_cost(model, N, shape, device=device, **kw)  # seed 0 calibration batch
+        cost = sample.measure_sharing_cost(model, N, shape, device=device, cfg_scale=cfg_scale)  # seed-0 batch
     print(f"| k of {N} | schedule | reuse cost | deviation from unshared | speedup | ideal |")
     print("|---|---|---|---|---|---|")
     for k in ks:
@@ -177,6 +177,13 @@ def main():
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.sample and args.ckpt:  # the DP-vs-uniform table on a trained model
+        model = ddt.load_ddt(args.ckpt).to(device)
+        shape = tuple(ddt.load_checkpoint(args.ckpt)["data"]["latent_shape"])
+        print(f"{args.ckpt}: {asdict(model.cfg)}, latents {shape}, {precision}, batch {args.batch_size}")
+        sharing_table(model, shape, device, precision, args.num_steps, args.encoder_steps, args.batch_size,
+                      args.cfg_scale)
+        return
     over = {k: getattr(args, k) for k in ("hidden_size", "num_heads", "encoder_depth", "decoder_depth", "patch_size")
             if getattr(args, k) is not None}
     cfg = replace(ddt.PRESETS[args.model], in_channels=args.channels, **over)
@@ -190,13 +197,6 @@ def main():
           f"{args.batch_size}, latents {shape}, {flops / 1e9:.2f} GFLOPs per image forward")
 
     if args.sample:
-        if args.ckpt:
-            model = ddt.load_ddt(args.ckpt).to(device)
-            shape = tuple(ddt.load_checkpoint(args.ckpt)["data"]["latent_shape"])
-            print(f"trained model {args.ckpt}: {asdict(model.cfg)}, latents {shape}")
-            sharing_table(model, shape, device, precision, args.num_steps, args.encoder_steps, args.batch_size,
-                          args.cfg_scale)
-            return
         N, E, D = args.num_steps, cfg.encoder_depth, cfg.decoder_depth
         model.eval()
         full = time_sampling(model, args.batch_size, shape, device, precision, N, None)

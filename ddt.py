@@ -85,8 +85,11 @@ def rope_2d(d, h, w, device, theta=10000.0, extent=16.0):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, nh, N, d), cos/sin (N, d/2): rotate each consecutive pair (x0, x1) like a complex number,
-    # with real arithmetic in x's own dtype (the released code upcasts to complex float32)
+    # x (B, nh, N, d), cos/sin (N, d/2): rotate each consecutive pair (x0, x1) like the complex x0 + i x1
+    if x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        # eager float32: one complex multiply is the fastest kernel (measured 4-5x the real version on CPU)
+        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)).flatten(-2)
+    # bf16 or compiled: real arithmetic in x's own dtype, no complex float32 upcast (fused by torch.compile)
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, nh, N, d/2) each
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)

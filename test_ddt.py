@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import ddt
 import prepare_latents
 import sample
@@ -106,6 +107,15 @@ def test_ddt_rope_cached_per_grid(tiny_ddt):
     a, b = tiny_ddt.rope(8, 8, torch.device("cpu")), tiny_ddt.rope(8, 8, torch.device("cpu"))
     assert a is b and tiny_ddt.rope(8, 12, torch.device("cpu"))[0].shape == (24, 8)
     assert not any("rope" in k for k in tiny_ddt.state_dict())
+
+
+def test_rope_real_and_complex_paths_agree():
+    x = torch.randn(2, 3, 24, 16)
+    cos, sin = ddt.rope_2d(16, 4, 6, "cpu")
+    fast = ddt.apply_rope(x, cos, sin)  # float32: complex multiply
+    exact = ddt.apply_rope(x.double(), cos.double(), sin.double())  # other dtypes: real arithmetic
+    assert torch.allclose(fast.double(), exact, atol=1e-6)
+    assert torch.allclose(fast.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation
 
 
 def test_ddt_bf16_autocast_close(tiny_ddt, golden_ddt):
@@ -1021,3 +1031,64 @@ def test_train_ddp_two_ranks_stay_identical(tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["step"] == 4
     assert len(read_log(run)) == 2
+
+
+# =============================================================================================
+# bench.py, torch.compile, and the GPU-only checks (skipped without CUDA)
+
+
+def test_bench_baseline_computes_the_same_function(tiny_ddt, golden_ddt):
+    g = golden_ddt["cases"][1]
+    with torch.no_grad(), bench.released_patchify():
+        v, z = bench.as_released(tiny_ddt)(g["x"], g["t"], g["y"])
+    assert rel_err(v, g["v"]) < 1e-5 and rel_err(z, g["z"]) < 1e-5
+    assert ddt.patchify is not None and ddt.patchify.__name__ == "patchify"  # restored
+
+
+def test_bench_runs():
+    small = ["--hidden-size", "32", "--num-heads", "2", "--encoder-depth", "2", "--decoder-depth", "1",
+             "--image-size", "8", "--batch-size", "2"]
+    out = run_script("bench.py", *small, "--steps", "1", "--warmup", "1").stdout
+    assert "images/s" in out and "nanoDDT / released step time" in out
+    out = run_script("bench.py", *small, "--sample", "--num-steps", "6", "--encoder-steps", "2").stdout
+    assert "ideal" in out
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_gpu_golden_parity_fp32_and_bf16(tiny_ddt, golden_ddt):
+    model = load_ddt(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), TINY).cuda()
+    g = {k: v.cuda() for k, v in golden_ddt["cases"][1].items()}
+    with torch.no_grad():
+        v, _ = model(g["x"], g["t"], g["y"])
+        with torch.autocast("cuda", torch.bfloat16):
+            vb, _ = model(g["x"], g["t"], g["y"])
+    assert rel_err(v, g["v"]) < 1e-4 and torch.isfinite(vb).all() and rel_err(vb, g["v"]) < 5e-2
+
+
+def test_compile_fullgraph_matches_eager():
+    # no graph breaks (fullgraph=True), z reuse included; on a GPU in bf16, on the CPU in float32 (~40 s)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = DDT(DDTConfig(in_channels=4, patch_size=2, hidden_size=32, num_heads=2, encoder_depth=2,
+                          decoder_depth=1, num_classes=10)).to(device)
+    for p in model.final_layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, t, y = torch.randn(2, 4, 8, 8, device=device), torch.rand(2, device=device), torch.tensor([1, 2], device=device)
+    with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+        v, z = model(x, t, y)
+        compiled = torch.compile(model, fullgraph=True)
+        vc, zc = compiled(x, t, y)
+        vr, _ = compiled(x, t, y, z=zc)
+    tol = 2e-2 if device == "cuda" else 1e-5
+    assert rel_err(vc, v) < tol and rel_err(zc, z) < tol and rel_err(vr, v) < tol
+
+
+@cuda
+def test_gpu_train_bf16_compiled(tmp_path):
+    data = make_dataset(tmp_path / "data", n=64)
+    run_script("train.py", "--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--max-steps", "4",
+               "--precision", "bf16", "--compile")
+    log = read_log(str(tmp_path / "run"))
+    assert all(np.isfinite(r["loss"]) and r["peak_mem_gb"] > 0 for r in log)
