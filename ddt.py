@@ -325,11 +325,14 @@ def load_checkpoint(path, allow_pickle=False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        globals_ = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        if not globals_:  # not a refused Python object: garbage bytes
+            raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?)") from None
         if not allow_pickle:
             raise CheckpointError(
                 f"'{path}' holds Python objects that only pickle can read, and unpickling can run arbitrary "
-                f"code. If you trust the file, pass allow_pickle=True (--allow-pickle on the command line). "
-                f"({str(e).splitlines()[0]})") from None
+                f"code ({globals_[0].split(' was ')[0]}). If you trust the file, pass allow_pickle=True "
+                f"(--allow-pickle on the command line).") from None
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, not a torch file at all, ...
         raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): "

@@ -165,8 +165,10 @@ def test_load_ddt_bad_files(tmp_path):
         load_ddt(str(tmp_path / "nope.ckpt"), TINY)
     data = open(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), "rb").read()
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        load_ddt(str(tmp_path / "cut.ckpt"), TINY)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
+    for bad in ("cut.ckpt", "junk.ckpt"):
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            load_ddt(str(tmp_path / bad), TINY)
     ckpt = torch.load(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), weights_only=True)
     ckpt["hyper_parameters"] = {"when": __import__("datetime").date(2025, 4, 1)}  # a pickled Python object
     torch.save(ckpt, tmp_path / "pickled.ckpt")
@@ -1013,9 +1015,17 @@ def test_train_repa_with_golden_dino(tmp_path):
         train.main(["--data", no_images, "--out-dir", str(tmp_path / "r2"), *TRAIN_TINY, "--dino", DINO_WEIGHTS])
 
 
-def test_train_bad_data_path(tmp_path):
+def test_train_bad_input_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="prepare_latents.py"):
         train.main(["--data", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run"), *TRAIN_TINY])
+    data = make_dataset(tmp_path / "data", n=32, latent_shape=(4, 16, 16), resolution=128, images=True)
+    with pytest.raises(SystemExit, match="--dino: .*nope.pth"):
+        train.main(["--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--repa-layer", "1",
+                    "--dino", str(tmp_path / "nope.pth")])
+    os.makedirs(tmp_path / "run", exist_ok=True)
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot resume.*truncated or corrupt"):
+        train.main(["--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY])
 
 
 def test_train_ddp_two_ranks_stay_identical(tmp_path):

@@ -219,7 +219,10 @@ def main(argv=None):
 
     teacher = None
     if args.dino:
-        teacher = ddt.load_dino(args.dino).to(device)
+        try:
+            teacher = ddt.load_dino(args.dino).to(device)
+        except (OSError, ValueError, NotImplementedError) as e:
+            raise SystemExit(f"--dino: {e}") from None
         H, W = meta["resolution"], meta["resolution"]
         with torch.no_grad():
             n_teacher = teacher(torch.zeros(1, 3, H, W, device=device)).shape[1]
@@ -239,7 +242,11 @@ def main(argv=None):
 
     ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
     if os.path.exists(ckpt_path):  # resume
-        ckpt = ddt.load_checkpoint(ckpt_path)
+        try:
+            ckpt = ddt.load_checkpoint(ckpt_path)
+        except ValueError as e:
+            raise SystemExit(f"cannot resume: {e}\nMove {ckpt_path} away to start over, or copy a kept "
+                             f"ckpt_STEP.pt (--keep-every) in its place.") from None
         if ckpt["config"] != asdict(cfg):
             raise SystemExit(f"{ckpt_path} was trained with {ckpt['config']}, but the flags give {asdict(cfg)}; "
                              f"use the same model flags, or another --out-dir for a new run")
@@ -260,7 +267,7 @@ def main(argv=None):
     model = torch.compile(student) if args.compile else student
     if world > 1:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    params = [p for p in student.parameters()]
+    params = list(student.parameters())
 
     def save(step):
         ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
