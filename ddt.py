@@ -373,7 +373,8 @@ def check_state_dict(model, sd, source):
         lines.append(f"  the weights have hidden size {info['hidden_size']}, {info['num_heads']} heads, "
                      f"{info['depth']} blocks, channels x patch^2 = {info['patch_dim']}, {info['num_classes']} "
                      f"classes" + (f": preset {', '.join(fits)} fits" if fits else "") + "; the encoder/decoder "
-                     f"split cannot be read from the weights: pick the preset (or --encoder-depth) that has it")
+                     f"split cannot be read from the weights: pick the preset that has it (--model), or set "
+                     f"--encoder-depth")
     raise CheckpointError("\n".join(lines))
 
 

@@ -2,7 +2,7 @@
 Train a DDT with linear flow matching and REPA, as in the paper, from one CPU process to many GPUs.
 
     python prepare_latents.py --toy --out data/toy                  # built-in toy set, pixel space
-    python train.py --data data/toy --out-dir runs/toy --model DDT-S/2 --max-steps 2000
+    python train.py --data data/toy --out-dir runs/toy --model DDT-Toy/4 --global-batch-size 64 --lr 1e-3 --max-steps 1500
     torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
 
 Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU: every random draw of step s
@@ -335,7 +335,8 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        update_ema(ema, raw_model, args.ema_decay if args.no_ema_warmup else min(args.ema_decay, (1 + step) / (10 + step)))
+        decay = args.ema_decay if args.no_ema_warmup else min(args.ema_decay, (1 + step) / (10 + step))
+        update_ema(ema, raw_model, decay)
 
         if step % args.log_every == 0 or step == max_steps:
             if world > 1:
