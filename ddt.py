@@ -378,11 +378,12 @@ def check_state_dict(model, sd, source):
     raise CheckpointError("\n".join(lines))
 
 
-def load_ddt(path, config=None, ema=True, allow_pickle=False):
+def load_ddt(path, config=None, ema=True, allow_pickle=False, ckpt=None):
     """A DDT from (a) this project's checkpoints (config inside; `ema` picks the EMA weights) or (b) the
     released Lightning checkpoints (`state_dict` with `ema_denoiser.` / `denoiser.` prefixes), which need
-    `config`: a DDTConfig or a preset name. Strict: any mismatch raises CheckpointError."""
-    ckpt = load_checkpoint(path, allow_pickle)
+    `config`: a DDTConfig or a preset name. Strict: any mismatch raises CheckpointError. `ckpt`: the
+    contents of `path` if already read with load_checkpoint (a released file is several GB)."""
+    ckpt = load_checkpoint(path, allow_pickle) if ckpt is None else ckpt
     if isinstance(config, str):
         if config not in PRESETS:
             raise CheckpointError(f"unknown preset '{config}'; choose one of {', '.join(PRESETS)}")

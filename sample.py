@@ -265,18 +265,18 @@ def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs)
 
 
 def checkpoint_info(args):
-    """(config for load_ddt, latent_shape, scaling_factor, vae_name, class_names) of either checkpoint kind."""
+    """(ckpt, config for load_ddt, latent_shape, scaling_factor, vae_name, class_names) of either kind."""
     ckpt = ddt.load_checkpoint(args.ckpt, args.allow_pickle)
     if isinstance(ckpt, dict) and "config" in ckpt:  # nanoDDT: config and data description inside
         d = ckpt.get("data") or {}
         if not {"latent_shape", "scaling_factor"} <= d.keys():
             raise SystemExit(f"error: '{args.ckpt}' has no 'data' entry with latent_shape and scaling_factor")
-        return args.model, tuple(d["latent_shape"]), d["scaling_factor"], str(d.get("vae", "none")), \
+        return ckpt, args.model, tuple(d["latent_shape"]), d["scaling_factor"], str(d.get("vae", "none")), \
             d.get("class_names")
     # released Lightning checkpoint (or not a checkpoint at all: load_ddt says so): ImageNet, SD-VAE latents
     config = args.model or "DDT-XL/2"
     C = ddt.PRESETS[config].in_channels if config in ddt.PRESETS else 4
-    return config, (C, args.image_size // 8, args.image_size // 8), ddt.VAE_SCALE, "sd-vae-ft-ema", None
+    return ckpt, config, (C, args.image_size // 8, args.image_size // 8), ddt.VAE_SCALE, "sd-vae-ft-ema", None
 
 
 def main():
@@ -319,11 +319,12 @@ def main():
 
 def run(args, rank, world, device):
     try:
-        config, latent_shape, scale, vae_name, names = checkpoint_info(args)
+        ckpt, config, latent_shape, scale, vae_name, names = checkpoint_info(args)
         pixel = vae_name.lower() == "none"
         if not pixel and args.vae is None:
             raise SystemExit(f"error: '{args.ckpt}' is a latent model (its VAE: {vae_name}): pass --vae PATH")
-        model = ddt.load_ddt(args.ckpt, config, ema=True, allow_pickle=args.allow_pickle).to(device)
+        model = ddt.load_ddt(args.ckpt, config, ema=True, ckpt=ckpt).to(device)
+        del ckpt
         vae = None if pixel else ddt.load_vae(args.vae).to(device)
     except (OSError, ValueError) as e:  # ddt.CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
