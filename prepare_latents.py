@@ -317,8 +317,8 @@ def parse_args(argv=None):
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     rank, _, world_size, device = ddt.setup_dist()
     try:
         if args.toy:

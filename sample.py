@@ -279,7 +279,7 @@ def checkpoint_info(args):
     return ckpt, config, (C, args.image_size // 8, args.image_size // 8), ddt.VAE_SCALE, "sd-vae-ft-ema", None
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", required=True, help="project checkpoint, or a released Lightning one (see --model)")
     p.add_argument("--model", default=None, help="preset of a released checkpoint (default DDT-XL/2)")
@@ -300,7 +300,7 @@ def main():
     p.add_argument("--npz", default=None, help="ADM-evaluator .npz (arr_0 uint8 NHWC, arr_1 int64 labels)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--allow-pickle", action="store_true", help="trust a checkpoint that needs pickle")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.out = args.out or (None if args.npz else "samples.png")
     for flag, value in (("--num-steps", args.num_steps), ("--batch-size", args.batch_size),
                         ("--num-samples", args.num_samples or 1)):
