@@ -266,7 +266,8 @@ def main(argv=None):
 
     model = torch.compile(student) if args.compile else student
     if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)  # grads live in the all-reduce buckets: no extra copy
     params = list(student.parameters())
 
     def save(step):
