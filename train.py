@@ -2,7 +2,7 @@
 Train a DDT with linear flow matching and REPA, as in the paper, from one CPU process to many GPUs.
 
     python prepare_latents.py --toy --out data/toy                  # built-in toy set, pixel space
-    python train.py --data data/toy --out-dir runs/toy --model DDT-Toy/4 --global-batch-size 64 --lr 1e-3 --max-steps 1500
+    python train.py --data data/toy --out-dir runs/toy --model DDT-Toy/4 --global-batch-size 64 --lr 2e-3 --max-steps 1500
     torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
 
 Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU: every random draw of step s
