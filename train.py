@@ -364,8 +364,8 @@ def main(argv=None):
             save(step)
         if master and args.sample_every and (step % args.sample_every == 0 or step == max_steps):
             write_grid(ema, grid_vae, meta, args, device, os.path.join(args.out_dir, "samples", f"{step:07d}.png"))
-        if world > 1 and step % args.ckpt_every == 0:
-            dist.barrier()  # no rank runs ahead of a checkpoint being written
+        if world > 1 and (step % args.ckpt_every == 0 or step == max_steps):
+            dist.barrier()  # no rank runs ahead of (or exits before) a checkpoint being written
     ddt.cleanup_dist()
     return raw_model
 
