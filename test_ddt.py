@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -985,6 +986,25 @@ def test_train_exact_resume(tmp_path):
     assert not torch.equal(ca["model"]["blocks.0.attn.qkv.weight"], ca["ema"]["blocks.0.attn.qkv.weight"])
     with pytest.raises(SystemExit, match="trained with"):  # another model in the same run directory
         train.main(["--data", data, "--out-dir", b, *TRAIN_TINY, "--max-steps", "8", "--hidden-size", "64"])
+
+
+def test_train_killed_at_any_moment_resumes_to_the_same_result(tmp_path):
+    data = make_dataset(tmp_path / "data", n=64)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    flags = [*TRAIN_TINY, "--max-steps", "150", "--ckpt-every", "7", "--log-every", "50"]
+    train.main(["--data", data, "--out-dir", a, *flags])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", data, "--out-dir", b, *flags], cwd=HERE, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(b, "ckpt.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL somewhere after the first checkpoint: no clean-up runs
+    proc.wait()
+    assert ddt.load_checkpoint(os.path.join(b, "ckpt.pt"))["step"] % 7 == 0 or proc.returncode == 0
+    train.main(["--data", data, "--out-dir", b, *flags])  # resumes from whatever checkpoint is there
+    ca, cb = (torch.load(os.path.join(r, "ckpt.pt"), weights_only=True) for r in (a, b))
+    assert cb["step"] == 150 and all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
 
 
 def test_train_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
