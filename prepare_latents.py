@@ -273,7 +273,7 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
         raise SystemExit(f"none of the {N} images could be read; see the warnings above")
     mean, std = latent_stats(latents, valid)
     meta = {"format_version": FORMAT_VERSION, "count": N, "latent_shape": [C, h, w], "resolution": R,
-            "vae": settings["vae"], "scaling_factor": 1.0 if vae is None else ddt.VAE_SCALE,
+            "vae": settings["vae"], "scaling_factor": 1.0 if vae is None else vae.config["scaling_factor"],
             "class_names": list(class_names), "num_classes": len(class_names), "flip": settings["flip"],
             "has_images": settings["images"], "latent_mean": mean, "latent_std": std, "num_valid": int(valid.sum()),
             "invalid_files": [files[i] if files else str(i) for i in np.flatnonzero(~valid)]}
@@ -294,7 +294,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--vae", help="VAE for ddt.load_vae (a diffusers AutoencoderKL folder or file), or 'none' "
                                  "for pixel space; required with --data-path, 'none' by default with --toy")
-    p.add_argument("--vae-precision", choices=["fp32", "bf16", "fp16"], default="bf16",
+    p.add_argument("--vae-precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype of the VAE on GPU (always fp32 on the CPU)")
     p.add_argument("--resolution", type=int, help="center-crop size in pixels (default 256; 32 with --toy)")
     p.add_argument("--images", action="store_true", help="also store the cropped pixels (images.npy, for REPA; "

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -93,6 +94,7 @@ def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.
         n = 2 * B if both[i] else B
         x_in = torch.cat([x, x]) if both[i] else x  # (n, C, H, W), n = B or 2B
         v, z_i = model(x_in, t[i].repeat(n), y2[:n], None if encoder_runs[i] else z[:n])
+        v = v.float()  # guidance and the Euler step in float32, also under bf16 autocast
         if encoder_runs[i]:
             z = z_i  # (n, N, D), reused until the next encoder step
             stats["encoder_evals"] = stats.get("encoder_evals", 0) + n
@@ -238,7 +240,7 @@ def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs)
         return uniform_schedule(N, k)
     key = json.dumps(dict(num_steps=N, k=k, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
                           timeshift=args.timeshift, last_step=args.last_step, latent_shape=list(latent_shape),
-                          ckpt_bytes=os.path.getsize(args.ckpt), ckpt_mtime=os.path.getmtime(args.ckpt)))
+                          model=asdict(model.cfg), ckpt_bytes=os.path.getsize(args.ckpt), ckpt_mtime=os.path.getmtime(args.ckpt)))
     paths = [os.path.join(d, os.path.basename(args.ckpt) + ".sharing.json") for d in cache_dirs]
     for path in paths:
         if key in (cache := read_json(path)):
@@ -352,7 +354,8 @@ def run(args, rank, world, device):
 
     settings = dict(ckpt=os.path.abspath(args.ckpt), mtime=os.path.getmtime(args.ckpt), seed=args.seed,
                     num_steps=args.num_steps, cfg=[args.cfg_scale] + args.cfg_interval, timeshift=args.timeshift,
-                    last_step=args.last_step, encoder_steps=steps, bf16=bf16, vae=args.vae, classes=classes)
+                    last_step=args.last_step, encoder_steps=steps, bf16=bf16, vae=args.vae, classes=classes,
+                    latent_shape=list(latent_shape), model=asdict(model.cfg))
     tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # parts of other settings never mix in
     parts = os.path.splitext(args.npz)[0] + "_parts" if args.npz else None
     if parts:
@@ -362,10 +365,11 @@ def run(args, rank, world, device):
         return os.path.join(parts, f"{s:07d}_{e:07d}_{tag}.npz")
 
     chunks = [(s, min(s + args.batch_size, n)) for s in range(0, n, args.batch_size)]
+    todo = [c for c in chunks if not (parts and os.path.exists(part_path(*c)))]  # the rest: done by an earlier run
+    if world > 1:
+        dist.barrier()  # every rank has listed the finished parts before any rank writes new ones
     kept, stats, done, t0 = {}, {"encoder_evals": 0, "decoder_evals": 0}, 0, time.time()
-    for s, e in tqdm(chunks[rank::world], disable=rank != 0, desc=f"sampling on {world} rank(s)"):
-        if parts and os.path.exists(part_path(s, e)):
-            continue  # finished by an earlier run
+    for s, e in tqdm(todo[rank::world], disable=rank != 0, desc=f"sampling on {world} rank(s)"):
         noise = sample_noise(args.seed, range(s, e), latent_shape).to(device)  # (b, C, H, W)
         with autocast:
             x = euler_sample(model, noise, torch.tensor(labels[s:e], device=device), args.num_steps,

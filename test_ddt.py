@@ -986,6 +986,11 @@ def test_train_exact_resume(tmp_path):
     assert not torch.equal(ca["model"]["blocks.0.attn.qkv.weight"], ca["ema"]["blocks.0.attn.qkv.weight"])
     with pytest.raises(SystemExit, match="trained with"):  # another model in the same run directory
         train.main(["--data", data, "--out-dir", b, *TRAIN_TINY, "--max-steps", "8", "--hidden-size", "64"])
+    with pytest.raises(SystemExit, match="--global-batch-size and --seed"):  # another data order
+        train.main(["--data", data, "--out-dir", b, *TRAIN_TINY, "--max-steps", "8", "--global-batch-size", "32"])
+    train.main(["--data", data, "--out-dir", b, *TRAIN_TINY, "--max-steps", "7", "--lr", "1e-5"])  # flags win
+    assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 1e-5
+    assert read_log(b)[-1]["lr"] == 1e-5
 
 
 def test_train_killed_at_any_moment_resumes_to_the_same_result(tmp_path):

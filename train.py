@@ -154,7 +154,8 @@ def update_ema(ema, model, decay):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Train DDT (flow matching + REPA). Defaults are the paper's.")
+    p = argparse.ArgumentParser(description="Train DDT (flow matching + REPA). Defaults are the paper's, "
+                                "except the EMA warm-up (--no-ema-warmup).")
     p.add_argument("--data", required=True, help="dataset directory from prepare_latents.py")
     p.add_argument("--out-dir", required=True, help="run directory: ckpt.pt, log.jsonl, samples/")
     p.add_argument("--model", default="DDT-XL/2", choices=list(ddt.PRESETS))
@@ -247,6 +248,10 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(f"cannot resume: {e}\nMove {ckpt_path} away to start over, or copy a kept "
                              f"ckpt_STEP.pt (--keep-every) in its place.") from None
+        order = {"global_batch_size": args.global_batch_size, "seed": args.seed}
+        if ckpt.get("data_order", order) != order:
+            raise SystemExit(f"{ckpt_path} was trained with {ckpt['data_order']}: resume with the same "
+                             f"--global-batch-size and --seed, so that the data order continues")
         if ckpt["config"] != asdict(cfg):
             raise SystemExit(f"{ckpt_path} was trained with {ckpt['config']}, but the flags give {asdict(cfg)}; "
                              f"use the same model flags, or another --out-dir for a new run")
@@ -258,22 +263,26 @@ def main(argv=None):
         if student.projector is not None:
             student.projector.load_state_dict(ckpt["projector"])
         opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # the flags win over the stored hyperparameters (e.g. a lower --lr)
+            group.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
         step = ckpt["step"]
         if master:
             print(f"resumed {ckpt_path} at step {step}")
     elif master:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
 
-    model = torch.compile(student) if args.compile else student
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)  # grads live in the all-reduce buckets: no extra copy
+    model = student
+    if world > 1:  # grads live in the all-reduce buckets (kept across steps: zero_grad(set_to_none=False))
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if args.compile:  # compiling the DDP module lets dynamo split the graph at buckets: all-reduce overlaps
+        model = torch.compile(model)
     params = list(student.parameters())
 
     def save(step):
         ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "projector": student.projector.state_dict() if student.projector is not None else {},
                 "step": step, "config": asdict(cfg), "args": vars(args) | {"betas": list(args.betas)},
+                "data_order": {"global_batch_size": args.global_batch_size, "seed": args.seed},
                 "data": {k: meta[k] for k in ("scaling_factor", "vae", "latent_shape", "resolution",
                                                "num_classes", "class_names")}}
         ddt.save_atomic(ckpt, ckpt_path)
@@ -334,7 +343,7 @@ def main(argv=None):
                              f"--lr, or try --precision fp32.")
         sums[2] += grad_norm
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=world == 1)
         step += 1
         decay = args.ema_decay if args.no_ema_warmup else min(args.ema_decay, (1 + step) / (10 + step))
         update_ema(ema, raw_model, decay)
@@ -346,7 +355,7 @@ def main(argv=None):
             fm_l, repa_l, gn = (sums / n).tolist()
             sps = (step - t_step0) / dt
             rec = {"step": step, "loss": fm_l + args.repa_weight * repa_l, "fm": fm_l, "repa": repa_l,
-                   "grad_norm": gn, "lr": args.lr, "steps_per_s": sps,
+                   "grad_norm": gn, "lr": opt.param_groups[0]["lr"], "steps_per_s": sps,
                    "images_per_s": sps * args.global_batch_size}
             if device.type == "cuda":
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
