@@ -17,7 +17,7 @@ import copy
 import time
 import types
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -162,9 +162,7 @@ def sharing_table(model, shape, device, precision, num_steps, ks, batch, cfg_sca
 
 def main():
     p = argparse.ArgumentParser(description="Time DDT training steps and sampling.")
-    p.add_argument("--model", default="DDT-S/2", choices=list(ddt.PRESETS))
-    for name in ("hidden-size", "num-heads", "encoder-depth", "decoder-depth", "patch-size"):
-        p.add_argument(f"--{name}", type=int, help="override the preset's value")
+    train.add_model_args(p, default="DDT-S/2")
     p.add_argument("--channels", type=int, default=4, help="latent channels")
     p.add_argument("--image-size", type=int, default=32, help="latent height = width (32 = 256 px images)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -190,9 +188,8 @@ def main():
         sharing_table(model, shape, device, precision, args.num_steps, args.encoder_steps, args.batch_size,
                       args.cfg_scale)
         return
-    over = {k: getattr(args, k) for k in ("hidden_size", "num_heads", "encoder_depth", "decoder_depth", "patch_size")
-            if getattr(args, k) is not None}
-    cfg = replace(ddt.PRESETS[args.model], in_channels=args.channels, **over)
+    cfg = train.model_config(args, {"latent_shape": [args.channels, args.image_size, args.image_size],
+                                    "num_classes": ddt.PRESETS[args.model].num_classes})
     shape = (args.channels, args.image_size, args.image_size)
     torch.manual_seed(0)
     model = ddt.DDT(cfg).to(device)

@@ -34,9 +34,9 @@ import math
 import os
 import pickle
 import struct
-from dataclasses import asdict, dataclass, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -308,14 +308,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename into place: a crash never leaves a half-written file."""
+@contextmanager
+def atomic_write(path, mode="wb"):
+    """Write through a temporary file, renamed into place at the end: a crash never leaves a half-written
+    file. Every file the scripts write that matters (checkpoints, datasets' meta, samples) goes this way."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode) as f:
+        yield f
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_atomic(obj, path):
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path, allow_pickle=False):
@@ -373,8 +380,8 @@ def check_state_dict(model, sd, source):
         lines.append(f"  the weights have hidden size {info['hidden_size']}, {info['num_heads']} heads, "
                      f"{info['depth']} blocks, channels x patch^2 = {info['patch_dim']}, {info['num_classes']} "
                      f"classes" + (f": preset {', '.join(fits)} fits" if fits else "") + "; the encoder/decoder "
-                     f"split cannot be read from the weights: pick the preset that has it (--model), or set "
-                     f"--encoder-depth")
+                     "split cannot be read from the weights: pick the preset that has it (--model), or set "
+                     "--encoder-depth")
     raise CheckpointError("\n".join(lines))
 
 

@@ -157,9 +157,8 @@ def encode_batch(vae, images, precision="fp32"):
 
 
 def write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
+    with ddt.atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def check_out(out, settings, overwrite):

@@ -10,7 +10,8 @@ encoder sharing (run the condition encoder at K of the N steps, the steps chosen
 
 Project checkpoints carry their config and data description; released (Lightning) ones take --model
 (DDT-XL/2) and --image-size (256), and are ImageNet models on SD-VAE latents. The noise of sample i depends
-only on (--seed, i), so the images do not depend on the number of ranks or the batch size. With --npz, finished batches go to NPZ_parts/ and a rerun skips them.
+only on (--seed, i), so the images do not depend on the number of ranks or the batch size. With --npz,
+finished batches go to NPZ_parts/ and a rerun skips them.
 """
 
 import argparse
@@ -191,10 +192,8 @@ def to_uint8(x):
 
 def save_npz(path, images, labels):
     """ADM evaluator layout: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,); written atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+    with ddt.atomic_write(path) as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, arr_0=np.asarray(images, dtype=np.uint8), arr_1=np.asarray(labels, dtype=np.int64))
-    os.replace(tmp, path)
 
 
 def save_grid(path, images, labels, class_names=None, cols=8):
@@ -213,9 +212,8 @@ def save_grid(path, images, labels, class_names=None, cols=8):
         name = class_names[labels[i]] if class_names else str(labels[i])
         draw.text((c * W + 2, r * (H + text_h) + H + 1), name[: max(1, W // 6)], fill="black", font=font)
     fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    tmp = f"{path}.tmp{os.getpid()}"
-    canvas.save(tmp, format=fmt)
-    os.replace(tmp, path)
+    with ddt.atomic_write(path) as f:
+        canvas.save(f, format=fmt)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -240,7 +238,8 @@ def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs)
         return uniform_schedule(N, k)
     key = json.dumps(dict(num_steps=N, k=k, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
                           timeshift=args.timeshift, last_step=args.last_step, latent_shape=list(latent_shape),
-                          model=asdict(model.cfg), ckpt_bytes=os.path.getsize(args.ckpt), ckpt_mtime=os.path.getmtime(args.ckpt)))
+                          model=asdict(model.cfg), ckpt_bytes=os.path.getsize(args.ckpt),
+                          ckpt_mtime=os.path.getmtime(args.ckpt)))
     paths = [os.path.join(d, os.path.basename(args.ckpt) + ".sharing.json") for d in cache_dirs]
     for path in paths:
         if key in (cache := read_json(path)):
@@ -257,9 +256,8 @@ def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs)
         try:
             cache = read_json(path)
             cache[key] = entry
-            with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            with ddt.atomic_write(path, "w") as f:
                 json.dump(cache, f, indent=1)
-            os.replace(f"{path}.tmp{os.getpid()}", path)
             break
         except OSError:
             continue

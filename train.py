@@ -2,7 +2,8 @@
 Train a DDT with linear flow matching and REPA, as in the paper, from one CPU process to many GPUs.
 
     python prepare_latents.py --toy --out data/toy                  # built-in toy set, pixel space
-    python train.py --data data/toy --out-dir runs/toy --model DDT-Toy/4 --global-batch-size 64 --lr 2e-3 --max-steps 1500
+    python train.py --data data/toy --out-dir runs/toy --model DDT-Toy/4 --global-batch-size 64 --lr 2e-3 \\
+        --max-steps 1500
     torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
 
 Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU: every random draw of step s
@@ -153,14 +154,19 @@ def update_ema(ema, model, decay):
 # -----------------------------------------------------------------------------------------------
 
 
+def add_model_args(p, default):
+    """--model PRESET and the flags that override its fields (train.py and bench.py)."""
+    p.add_argument("--model", default=default, choices=list(ddt.PRESETS))
+    for name in ("hidden-size", "num-heads", "encoder-depth", "decoder-depth", "patch-size"):
+        p.add_argument(f"--{name}", type=int, help="override the preset's value")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train DDT (flow matching + REPA). Defaults are the paper's, "
                                 "except the EMA warm-up (--no-ema-warmup).")
     p.add_argument("--data", required=True, help="dataset directory from prepare_latents.py")
     p.add_argument("--out-dir", required=True, help="run directory: ckpt.pt, log.jsonl, samples/")
-    p.add_argument("--model", default="DDT-XL/2", choices=list(ddt.PRESETS))
-    for name in ("hidden-size", "num-heads", "encoder-depth", "decoder-depth", "patch-size"):
-        p.add_argument(f"--{name}", type=int, help="override the preset's value")
+    add_model_args(p, default="DDT-XL/2")
     p.add_argument("--global-batch-size", type=int, default=256)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -188,6 +194,7 @@ def get_args(argv=None):
 
 
 def model_config(args, meta):
+    """The preset with the flags' overrides, channels and classes from the dataset's meta, checked."""
     over = {k: getattr(args, k) for k in ("hidden_size", "num_heads", "encoder_depth", "decoder_depth", "patch_size")
             if getattr(args, k) is not None}
     cfg = replace(ddt.PRESETS[args.model], in_channels=meta["latent_shape"][0], num_classes=meta["num_classes"], **over)
