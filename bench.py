@@ -9,7 +9,8 @@ A training step is forward, backward, AdamW and the EMA update, on random data o
 --compare (default on CPU) the same model is also timed with the released code's implementations of the
 pieces nanoDDT rewrote (complex-number RoPE with float32 upcasts, RMSNorm as pow/mean/rsqrt, unfold/fold
 patchify, float32 q/k norms), in the same process, interleaved, so the ratio is fair. Reports images/s,
-model FLOPs per image, achieved TFLOP/s and MFU against the GPU's bf16 peak, and peak memory.
+model FLOPs per image, achieved TFLOP/s, MFU against the GPU's bf16 peak, peak memory, and each step time
+against a floor: all of the step's FLOPs at the rate this device measures on the model's MLP product.
 """
 
 import argparse
@@ -77,6 +78,22 @@ def released_patchify():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def matmul_rate(device, dtype, tokens, dim, hidden, repeats=10):
+    """FLOP/s this device reaches on the model's MLP product, (tokens, dim) @ (dim, hidden), its best shape:
+    a rate no implementation of the same arithmetic beats on average (measured, not the data sheet's)."""
+    a = torch.randn(tokens, dim, device=device, dtype=dtype)
+    b = torch.randn(dim, hidden, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):  # the first round warms up; the fastest round counts
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * tokens * dim * hidden * repeats / best
 
 
 def time_train(model, batch, shape, device, precision, compile, steps, warmup):
@@ -222,6 +239,13 @@ def main():
             with released_patchify():
                 rounds["released"].append(time_train(as_released(model), args.batch_size, shape, device, precision,
                                                      args.compile, args.steps, args.warmup))
+    # the floor: every FLOP at the rate of the model's largest matrix product on this device
+    rate = matmul_rate(device, torch.bfloat16 if precision == "bf16" else torch.float32,
+                       args.batch_size * (args.image_size // cfg.patch_size) ** 2, cfg.hidden_size,
+                       int(2 * cfg.mlp_ratio * cfg.hidden_size / 3))
+    floor = 3 * flops * args.batch_size / rate
+    print(f"matmul floor {floor * 1e3:8.1f} ms  (all {3 * flops * args.batch_size / 1e9:.0f} GFLOPs of the step at "
+          f"this device's measured {rate / 1e12:.3f} TFLOP/s)")
     for impl, times in rounds.items():
         if not times:
             continue
@@ -231,7 +255,7 @@ def main():
                 f"{3 * flops * ips / 1e12:7.3f} TFLOP/s")
         if peak:
             line += f"  MFU {3 * flops * ips / peak:.1%}"
-        print(line)
+        print(line + f"  {sec / floor:.2f}x the floor")
     if compare:
         ratio = sorted(rounds["nanoDDT"])[1] / sorted(rounds["released"])[1]
         print(f"nanoDDT / released step time: {ratio:.2f}x")
