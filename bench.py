@@ -199,7 +199,10 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     if args.sample and args.ckpt:  # the DP-vs-uniform table on a trained model
-        ckpt = ddt.load_checkpoint(args.ckpt)
+        try:
+            ckpt = ddt.load_checkpoint(args.ckpt)
+        except (OSError, ddt.CheckpointError) as e:
+            raise SystemExit(f"--ckpt: {e}") from None
         model, shape = ddt.load_ddt(args.ckpt, ckpt=ckpt).to(device), tuple(ckpt["data"]["latent_shape"])
         print(f"{args.ckpt}: {asdict(model.cfg)}, latents {shape}, {precision}, batch {args.batch_size}")
         sharing_table(model, shape, device, precision, args.num_steps, args.encoder_steps, args.batch_size,

@@ -240,6 +240,8 @@ class DDT(nn.Module):
 
     def rope(self, H, W, device):
         p, d = self.cfg.patch_size, self.cfg.hidden_size // self.cfg.num_heads
+        if torch.compiler.is_compiling():  # computed in the graph: a dict lookup would guard and recompile
+            return rope_2d(d, H // p, W // p, device)
         key = (H // p, W // p, str(device))
         if key not in self._rope_cache:
             self._rope_cache[key] = rope_2d(d, H // p, W // p, device)
@@ -505,7 +507,8 @@ class VAEAttention(nn.Module):
     def forward(self, x):  # (B, C, h, w)
         B, C, h, w = x.shape
         y = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
-        y = F.scaled_dot_product_attention(self.to_q(y), self.to_k(y), self.to_v(y))  # (B, N, C), scale 1/sqrt(C)
+        q, k, v = (f(y)[:, None] for f in (self.to_q, self.to_k, self.to_v))  # (B, 1, N, C): one head
+        y = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, N, C), scale 1/sqrt(C); 4-D for fused kernels
         y = self.to_out[0](y).transpose(1, 2).reshape(B, C, h, w)
         return x + y
 
@@ -835,6 +838,9 @@ def setup_dist():
         return 0, 0, 1, torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                             f"set torchrun's --nproc_per_node to at most that")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)

@@ -302,6 +302,10 @@ def main(argv=None):
     p.add_argument("--allow-pickle", action="store_true", help="trust a checkpoint that needs pickle")
     args = p.parse_args(argv)
     args.out = args.out or (None if args.npz else "samples.png")
+    for flag, path in (("--out", args.out), ("--npz", args.npz)):  # before sampling, not after
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise SystemExit(f"error: {flag} {path}: folder {folder} does not exist; create it or pick another")
     for flag, value in (("--num-steps", args.num_steps), ("--batch-size", args.batch_size),
                         ("--num-samples", args.num_samples or 1)):
         if value < 1:

@@ -907,7 +907,7 @@ def test_two_ranks_give_the_same_npz(tmp_path, monkeypatch):
             "--sharing", "uniform", "--seed", 3]
     cli(monkeypatch, *args, "--batch-size", 4, "--npz", tmp_path / "one.npz")  # one process
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # two CPU ranks, also on a one-GPU machine
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "sample.py", *map(str, args), "--batch-size", "2", "--npz", str(tmp_path / "two.npz")],
                          cwd=HERE, env=env, capture_output=True, text=True)
@@ -1060,7 +1060,8 @@ def test_train_ddp_two_ranks_stay_identical(tmp_path):
                       f"model = train.main(sys.argv[1:])\n"
                       f"torch.save(model.state_dict(), os.path.join({run!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(driver),
-               "--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "4", "--log-every", "2")
+               "--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "4", "--log-every", "2",
+               env={"CUDA_VISIBLE_DEVICES": ""})  # two CPU ranks, also on a one-GPU machine
     r0, r1 = (torch.load(os.path.join(run, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["step"] == 4
@@ -1082,7 +1083,7 @@ def test_bench_baseline_computes_the_same_function(tiny_ddt, golden_ddt):
 def test_bench_runs():
     small = ["--hidden-size", "32", "--num-heads", "2", "--encoder-depth", "2", "--decoder-depth", "1",
              "--image-size", "8", "--batch-size", "2"]
-    out = run_script("bench.py", *small, "--steps", "1", "--warmup", "1").stdout
+    out = run_script("bench.py", *small, "--steps", "1", "--warmup", "1", "--compare").stdout
     assert "images/s" in out and "nanoDDT / released step time" in out
     out = run_script("bench.py", *small, "--sample", "--num-steps", "6", "--encoder-steps", "2").stdout
     assert "ideal" in out

@@ -3,7 +3,7 @@ Train a DDT with linear flow matching and REPA, as in the paper, from one CPU pr
 
     python prepare_latents.py --toy --out data/toy                  # built-in toy set, pixel space
     python train.py --data data/toy --out-dir runs/toy --model DDT-Toy/4 --global-batch-size 64 --lr 2e-3 \\
-        --max-steps 1500
+        --max-steps 1500 --ckpt-every 250
     torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
 
 Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU: every random draw of step s
@@ -271,12 +271,21 @@ def main(argv=None):
             student.projector.load_state_dict(ckpt["projector"])
         opt.load_state_dict(ckpt["optimizer"])
         for group in opt.param_groups:  # the flags win over the stored hyperparameters (e.g. a lower --lr)
-            group.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+            group.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay, fused=fused)
         step = ckpt["step"]
         if master:
             print(f"resumed {ckpt_path} at step {step}")
     elif master:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    if world > 1:  # every rank must have resumed from the same step (a node-local --out-dir would not)
+        steps = torch.tensor([step, -step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0].item() != -steps[1].item():
+            raise SystemExit(f"ranks resumed from different steps ({-steps[1].item()} to {steps[0].item()}): "
+                             f"--out-dir {args.out_dir} must be one folder that all nodes share")
+    if step > max_steps:
+        raise SystemExit(f"{ckpt_path} is at step {step}, past --max-steps {max_steps}; raise --max-steps to "
+                         f"train on, or use another --out-dir")
 
     model = student
     if world > 1:  # grads live in the all-reduce buckets (kept across steps: zero_grad(set_to_none=False))
