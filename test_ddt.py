@@ -990,6 +990,12 @@ def test_train_exact_resume(tmp_path):
     train.main(["--data", data, "--out-dir", b, *TRAIN_TINY, "--max-steps", "7", "--lr", "1e-5"])  # flags win
     assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 1e-5
     assert read_log(b)[-1]["lr"] == 1e-5
+    c = str(tmp_path / "c")  # a run that went past its last checkpoint: the resumed steps are logged once
+    train.main(["--data", data, "--out-dir", c, *TRAIN_TINY, "--max-steps", "5", "--log-every", "1",
+                "--keep-every", "3"])
+    shutil.copy(os.path.join(c, "ckpt_0000003.pt"), os.path.join(c, "ckpt.pt"))
+    train.main(["--data", data, "--out-dir", c, *TRAIN_TINY, "--max-steps", "5", "--log-every", "1"])
+    assert [r["step"] for r in read_log(c)] == [1, 2, 3, 4, 5]
 
 
 def test_train_killed_at_any_moment_resumes_to_the_same_result(tmp_path):
@@ -1009,6 +1015,9 @@ def test_train_killed_at_any_moment_resumes_to_the_same_result(tmp_path):
     train.main(["--data", data, "--out-dir", b, *flags])  # resumes from whatever checkpoint is there
     ca, cb = (torch.load(os.path.join(r, "ckpt.pt"), weights_only=True) for r in (a, b))
     assert cb["step"] == 150 and all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
+    assert [r["step"] for r in read_log(b)] == [50, 100, 150]  # steps redone after the resume are logged once
+    with pytest.raises(SystemExit, match="past --max-steps 100"):
+        train.main(["--data", data, "--out-dir", b, *TRAIN_TINY, "--max-steps", "100"])
 
 
 def test_train_nan_stops_and_keeps_last_good_checkpoint(tmp_path):

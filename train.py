@@ -275,6 +275,12 @@ def main(argv=None):
         step = ckpt["step"]
         if master:
             print(f"resumed {ckpt_path} at step {step}")
+            log_path = os.path.join(args.out_dir, "log.jsonl")
+            if os.path.exists(log_path):  # drop what was logged after the checkpoint: those steps are redone
+                with open(log_path) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                with ddt.atomic_write(log_path, "w") as f:
+                    f.writelines(kept)
     elif master:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     if world > 1:  # every rank must have resumed from the same step (a node-local --out-dir would not)
@@ -402,8 +408,8 @@ def write_grid(ema, vae, meta, args, device, path):
     noise = sample.sample_noise(args.seed, range(len(labels)), meta["latent_shape"]).to(device)
     x = sample.euler_sample(ema, noise, torch.tensor(labels, device=device), num_steps=args.sample_steps)
     if vae is not None:
-        with torch.no_grad():
-            x = vae.decode(x / meta["scaling_factor"])
+        with torch.no_grad():  # in chunks: a full-size fp32 decode of all 80 at once would spike rank 0's memory
+            x = torch.cat([vae.decode(part / meta["scaling_factor"]) for part in x.split(16)])
     sample.save_grid(path, sample.to_uint8(x), labels, meta.get("class_names"))
 
 
