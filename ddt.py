@@ -382,8 +382,8 @@ def check_state_dict(model, sd, source):
         lines.append(f"  the weights have hidden size {info['hidden_size']}, {info['num_heads']} heads, "
                      f"{info['depth']} blocks, channels x patch^2 = {info['patch_dim']}, {info['num_classes']} "
                      f"classes" + (f": preset {', '.join(fits)} fits" if fits else "") + "; the encoder/decoder "
-                     "split cannot be read from the weights: pick the preset that has it (--model), or set "
-                     "--encoder-depth")
+                     "split cannot be read from the weights: pick the preset that has it (--model; train.py "
+                     "also takes --encoder-depth and --decoder-depth)")
     raise CheckpointError("\n".join(lines))
 
 

@@ -302,7 +302,8 @@ def parse_args(argv=None):
                                                        "off in the paper")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per rank")
     p.add_argument("--chunk-size", type=int, default=1024, help="images per unit of work (and of resuming)")
-    p.add_argument("--num-workers", type=int, default=8, help="image-loading processes per rank")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image-loading processes per rank (default: up to 8, at most the CPU count)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset made with other settings in --out")
     args = p.parse_args(argv)
     if args.toy == (args.data_path is not None):
