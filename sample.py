@@ -10,7 +10,8 @@ encoder sharing (run the condition encoder at K of the N steps, the steps chosen
 
 Project checkpoints carry their config and data description; released (Lightning) ones take --model
 (DDT-XL/2) and --image-size (256), and are ImageNet models on SD-VAE latents. The noise of sample i depends
-only on (--seed, i), so the images do not depend on the number of ranks or the batch size. With --npz,
+only on (--seed, i), so the images do not depend on the number of ranks (nor, on the CPU, on the batch
+size; GPU kernels may round differently at other batch sizes). With --npz,
 finished batches go to NPZ_parts/ and a rerun skips them.
 """
 
