@@ -242,10 +242,10 @@ def main():
             with released_patchify():
                 rounds["released"].append(time_train(as_released(model), args.batch_size, shape, device, precision,
                                                      args.compile, args.steps, args.warmup))
-    # the floor: every FLOP at the rate of the model's largest matrix product on this device
+    # the floor: every FLOP at the rate of the model's MLP product on this device
+    mlp = model.blocks[0].mlp.w1
     rate = matmul_rate(device, torch.bfloat16 if precision == "bf16" else torch.float32,
-                       args.batch_size * (args.image_size // cfg.patch_size) ** 2, cfg.hidden_size,
-                       int(2 * cfg.mlp_ratio * cfg.hidden_size / 3))
+                       args.batch_size * (args.image_size // cfg.patch_size) ** 2, mlp.in_features, mlp.out_features)
     floor = 3 * flops * args.batch_size / rate
     print(f"matmul floor {floor * 1e3:8.1f} ms  (all {3 * flops * args.batch_size / 1e9:.0f} GFLOPs of the step at "
           f"this device's measured {rate / 1e12:.3f} TFLOP/s)")
