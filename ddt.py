@@ -26,14 +26,17 @@ tokens, D hidden size, nh heads, d = D / nh head dim.
 The file reads bottom-up: small functions, RMSNorm, Attention, SwiGLU, Block, FinalLayer, DDTConfig,
 DDT, PRESETS, checkpoint loading. After the model come its supporting cast, each under its own heading:
 the SD-VAE (AutoencoderKL, with a tiny safetensors reader), the DINOv2 teacher for REPA, and the
-distributed set-up shared by the scripts.
+distributed set-up and stop-on-signal helpers shared by the scripts.
 """
 
+import datetime
 import json
 import math
 import os
 import pickle
+import signal
 import struct
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -313,13 +316,19 @@ class CheckpointError(ValueError):
 @contextmanager
 def atomic_write(path, mode="wb"):
     """Write through a temporary file, renamed into place at the end: a crash never leaves a half-written
-    file. Every file the scripts write that matters (checkpoints, datasets' meta, samples) goes this way."""
+    file, and a write that fails (a full disk, an exception in the body) removes the temporary file. Every
+    file the scripts write that matters (checkpoints, datasets' meta, samples) goes this way."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_atomic(obj, path):
@@ -328,11 +337,14 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path, allow_pickle=False):
-    """torch.load with weights_only=True and messages that say what went wrong."""
+    """torch.load with weights_only=True and messages that say what went wrong. Memory-mapped (mmap=True):
+    a tensor is read from the file (through the page cache, which the ranks of one host share) only when it
+    is used, so what the caller never touches (a sampler's optimizer state) costs no memory."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    mmap = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; the legacy one cannot be mapped
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         globals_ = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
         if not globals_:  # not a refused Python object: garbage bytes
@@ -342,7 +354,7 @@ def load_checkpoint(path, allow_pickle=False):
                 f"'{path}' holds Python objects that only pickle can read, and unpickling can run arbitrary "
                 f"code ({globals_[0].split(' was ')[0]}). If you trust the file, pass allow_pickle=True "
                 f"(--allow-pickle on the command line).") from None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # truncated zip, not a torch file at all, ...
         raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -828,12 +840,17 @@ def load_dino(path):
 
 
 # ===============================================================================================
-# distributed set-up, shared by the scripts (works with torchrun, without it, on GPU and on CPU)
+# distributed set-up and stopping on a signal, shared by the scripts (with torchrun or without, GPU or CPU)
+
+# How long a rank waits in a collective before the process group gives up (NCCL's default is 10 minutes):
+# long enough for rank 0 to write an XL checkpoint (~11 GB with the optimizer) or a sample grid to a slow
+# shared filesystem while the other ranks wait at the next collective.
+DIST_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def setup_dist():
     """(rank, local_rank, world_size, device). Under torchrun: one process group (NCCL on GPU, gloo on
-    CPU). Without torchrun: a single process on cuda:0 or the CPU, no process group."""
+    CPU) with DIST_TIMEOUT. Without torchrun: a single process on cuda:0 or the CPU, no process group."""
     if "RANK" not in os.environ:
         return 0, 0, 1, torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -843,13 +860,49 @@ def setup_dist():
                              f"set torchrun's --nproc_per_node to at most that")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=DIST_TIMEOUT)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
     return rank, local_rank, world, device
 
 
 def cleanup_dist():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # preemption (SLURM --signal, torchrun), Ctrl-C
+EXIT_STOPPED = 75  # exit status after a stop by signal: EX_TEMPFAIL of sysexits.h, "try again later"
+
+
+@contextmanager
+def stop_signals():
+    """Inside, SIGTERM, SIGUSR1 and SIGINT interrupt nothing: each only appends its number to the yielded
+    list, which the loop reads (stop_requested) where stopping is safe. So a second signal while a
+    checkpoint is written is recorded and the write goes on. The previous handlers come back on exit."""
+    received = []
+    old = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id=None):
+    """worker_init_fn of the DataLoaders: a signal sent to the whole process group leaves the workers to the
+    main process, which stops at a safe point and shuts them down itself."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def stop_requested(received, device):
+    """The signal (a number, 0 for none) that stops all ranks now: with a process group, the largest any rank
+    has received (all_reduce MAX), so that every rank stops at the same point. A collective under torchrun:
+    every rank must call it at the same points of its loop."""
+    if not dist.is_initialized():
+        return max(received, default=0)
+    s = torch.tensor([max(received, default=0)], device=device)
+    dist.all_reduce(s, op=dist.ReduceOp.MAX)
+    return int(s.item())

@@ -20,8 +20,12 @@ OUT/images.npy        uint8 (N, R, R, 3) center crops (--images)
 OUT/meta.json         count, shapes, class names, VAE and scaling factor, per-channel latent mean/std, ...;
                       written last, it marks the dataset complete
 Images are center-cropped as ADM/DiT do (center_crop_arr). Work goes in chunks of --chunk-size images, spread
-over the ranks, with the same batches whatever the number of ranks (so the result does not depend on it); a
-finished chunk leaves OUT/.progress/chunk_XXXXXX.done, and a rerun with the same settings skips it.
+over the ranks, with the same batches whatever the number of ranks (so the result does not depend on it). Only
+rank 0 writes the arrays above: another rank writes each chunk it finishes to a file of its own,
+OUT/.progress/chunk_XXXXXX.npz, which rank 0 copies in and deletes, so no two ranks (nor hosts) ever write to
+the same file, nor to the same page of a shared filesystem. A chunk in the arrays leaves
+OUT/.progress/chunk_XXXXXX.done; a rerun with the same settings skips the chunks with either file. SIGTERM,
+SIGUSR1 or SIGINT stops a rank after its batch in progress, keeping the finished chunks (exit status 75).
 """
 
 import argparse
@@ -30,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -206,10 +211,11 @@ def latent_stats(latents, valid, block=4096):
 
 
 def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=None, batch_size=64,
-                  num_workers=4, rank=0, world_size=1, overwrite=False):
+                  num_workers=4, rank=0, world_size=1, overwrite=False, received=()):
     """Encode `dataset` (items (i, uint8 (R, R, 3), error string)) into the dataset directory `out`, on every
     rank. `settings` (JSON-able: resolution, vae, vae_precision, flip, images, chunk_size, and what identifies
-    the input) fixes what is written; it is kept in out/settings.json so that a rerun resumes or refuses."""
+    the input) fixes what is written; it is kept in out/settings.json so that a rerun resumes or refuses.
+    `received` (from ddt.stop_signals): once it holds a signal, the rank stops after its current batch."""
     N, R, cs = len(dataset), settings["resolution"], settings["chunk_size"]
     state = check_out(out, settings, overwrite)
     barrier()  # every rank has looked at --out before rank 0 changes it
@@ -226,47 +232,84 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
     if rank == 0 and state == "new":
         create_files(out, arrays, labels, settings)
     barrier()
-    try:
-        mm = {name: np.load(os.path.join(out, name), mmap_mode="r+") for name in arrays}
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--out {out}: cannot reopen the unfinished dataset ({e}); pass --overwrite to restart it")
+    mm = {}  # the shared arrays, opened (for writing) by rank 0 only
+    if rank == 0:
+        try:
+            mm = {name: np.load(os.path.join(out, name), mmap_mode="r+") for name in arrays}
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--out {out}: cannot reopen the unfinished dataset ({e}); pass --overwrite to restart it")
 
-    def marker(c):
+    def marker(c):  # chunk c is in the arrays
         return os.path.join(out, ".progress", f"chunk_{c:06d}.done")
 
-    todo = [c for c in range(math.ceil(N / cs)) if not os.path.exists(marker(c))]
+    def part(c):  # chunk c, finished by a rank other than 0, waiting for rank 0 to copy it in
+        return os.path.join(out, ".progress", f"chunk_{c:06d}.npz")
+
+    def copy_in(c, rows):  # rank 0: the chunk's rows reach the disk before its marker
+        for name, arr in rows.items():
+            mm[name][c * cs: c * cs + len(arr)] = arr
+        for arr in mm.values():
+            arr.flush()
+        open(marker(c), "w").close()
+
+    def copy_in_parts():  # rank 0: the chunks other ranks have finished so far
+        for f in sorted(os.listdir(os.path.join(out, ".progress"))):
+            if f.endswith(".npz"):  # (not an unfinished chunk_XXXXXX.npz.tmpPID)
+                with np.load(os.path.join(out, ".progress", f)) as z:
+                    copy_in(int(f[len("chunk_"):-len(".npz")]), {name: z[name] for name in arrays})
+                os.remove(os.path.join(out, ".progress", f))
+
+    def stopped():
+        print(f"rank {rank} stopped by {signal.Signals(received[0]).name}: the finished chunks are kept in "
+              f"{out}/.progress; rerun the same command to resume", flush=True)
+        return SystemExit(ddt.EXIT_STOPPED)
+
+    todo = [c for c in range(math.ceil(N / cs)) if not os.path.exists(marker(c)) and not os.path.exists(part(c))]
     barrier()  # every rank has listed the finished chunks before anyone marks new ones
     mine = todo[rank::world_size]  # a fresh run: chunk c -> rank c % world_size
     ends = {c: min((c + 1) * cs, N) for c in mine}
     batches = [list(range(a, min(a + batch_size, ends[c]))) for c in mine for a in range(c * cs, ends[c], batch_size)]
-    left = {c: ends[c] - c * cs for c in mine}  # rows still to write, per chunk
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
+    left = {c: ends[c] - c * cs for c in mine}  # rows still to encode, per chunk
+    rows = {}  # chunk -> {array name: its rows}, while the chunk is being encoded
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                        worker_init_fn=ddt.ignore_stop_signals)
     bar = tqdm(total=sum(left.values()), unit="img", disable=rank != 0, desc=f"rank 0 of {world_size}")
     for idx, img, err in loader:  # (B,), (B, R, R, 3) uint8, B strings; idx is a contiguous range a:b
         a, b = idx[0].item(), idx[-1].item() + 1
+        c = a // cs
+        if c not in rows:
+            rows[c] = {name: np.zeros((ends[c] - c * cs, *shape[1:]), dtype) for name, (dtype, shape) in arrays.items()}
         ok = torch.tensor([e == "" for e in err])
         for i, e in zip(idx.tolist(), err):
             if e:
                 bar.write(f"warning: cannot read image {files[i] if files else i}: {e} (marked invalid)", sys.stderr)
         for name in ("latents.npy", "latents_flip.npy"):
-            if name in mm:
+            if name in arrays:
                 view = img.flip(2) if name == "latents_flip.npy" else img  # flip along W
                 lat = encode_batch(vae, view, settings["vae_precision"])  # (B, 2, C, h, w)
-                mm[name][a:b] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
-        if "images.npy" in mm:
-            mm["images.npy"][a:b] = img.numpy()
-        mm["valid.npy"][a:b] = ok.numpy()
-        left[a // cs] -= b - a
-        if left[a // cs] == 0:  # the chunk's rows reach the disk before its marker
-            for arr in mm.values():
-                arr.flush()
-            open(marker(a // cs), "w").close()
+                rows[c][name][a - c * cs: b - c * cs] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
+        if "images.npy" in arrays:
+            rows[c]["images.npy"][a - c * cs: b - c * cs] = img.numpy()
+        rows[c]["valid.npy"][a - c * cs: b - c * cs] = ok.numpy()
+        left[c] -= b - a
+        if left[c] == 0:
+            if rank == 0:
+                copy_in(c, rows.pop(c))
+                copy_in_parts()
+            else:
+                with ddt.atomic_write(part(c)) as f:  # renamed into place complete: rank 0 may copy it in
+                    np.savez(f, **rows.pop(c))
         bar.update(b - a)
+        if received:
+            raise stopped()
     bar.close()
     if rank != 0:
         return
-    while not all(os.path.exists(marker(c)) for c in todo):  # other ranks still at work; polling the markers,
-        time.sleep(1)  # not a barrier, so that uneven shares never hit a collective timeout
+    while not all(os.path.exists(marker(c)) for c in range(math.ceil(N / cs))):  # others at work; polling files,
+        copy_in_parts()  # not a barrier, so that uneven shares never hit a collective timeout
+        if received:
+            raise stopped()
+        time.sleep(0.2)
     latents, valid = np.load(os.path.join(out, "latents.npy"), mmap_mode="r"), np.load(os.path.join(out, "valid.npy"))
     if not valid.any():
         raise SystemExit(f"none of the {N} images could be read; see the warnings above")
@@ -341,9 +384,10 @@ def main(argv=None):
                     "files_sha1": fingerprint, "vae": args.vae if vae is None else os.path.abspath(args.vae),
                     "vae_precision": precision, "resolution": args.resolution, "flip": args.flip,
                     "images": args.images, "chunk_size": args.chunk_size}
-        write_dataset(args.out, dataset, labels, class_names, settings, vae=vae, files=files,
-                      batch_size=args.batch_size, num_workers=args.num_workers, rank=rank,
-                      world_size=world_size, overwrite=args.overwrite)
+        with ddt.stop_signals() as received:
+            write_dataset(args.out, dataset, labels, class_names, settings, vae=vae, files=files,
+                          batch_size=args.batch_size, num_workers=args.num_workers, rank=rank,
+                          world_size=world_size, overwrite=args.overwrite, received=received)
     finally:
         ddt.cleanup_dist()
 

@@ -12,7 +12,9 @@ Project checkpoints carry their config and data description; released (Lightning
 (DDT-XL/2) and --image-size (256), and are ImageNet models on SD-VAE latents. The noise of sample i depends
 only on (--seed, i), so the images do not depend on the number of ranks (nor, on the CPU, on the batch
 size; GPU kernels may round differently at other batch sizes). With --npz,
-finished batches go to NPZ_parts/ and a rerun skips them.
+finished batches go to NPZ_parts/ and a rerun skips them; SIGTERM, SIGUSR1 or SIGINT stops every rank after its
+batch in progress, keeping the finished ones, with exit status ddt.EXIT_STOPPED (75). Checkpoints are read
+memory-mapped and only the EMA weights are used, so ranks do not hold the optimizer state.
 """
 
 import argparse
@@ -20,6 +22,8 @@ import hashlib
 import json
 import math
 import os
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -266,14 +270,23 @@ def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs)
 
 
 def checkpoint_info(args):
-    """(ckpt, config for load_ddt, latent_shape, scaling_factor, vae_name, class_names) of either kind."""
+    """(ckpt, config for load_ddt, latent_shape, scaling_factor, vae_name, class_names) of either kind. The
+    checkpoint is memory-mapped, and the optimizer state (and REPA projector) is dropped before anything reads
+    it: sampling needs the EMA weights only."""
     ckpt = ddt.load_checkpoint(args.ckpt, args.allow_pickle)
     if isinstance(ckpt, dict) and "config" in ckpt:  # nanoDDT: config and data description inside
+        for key in ("optimizer", "projector"):
+            ckpt.pop(key, None)
         d = ckpt.get("data") or {}
         if not {"latent_shape", "scaling_factor"} <= d.keys():
             raise SystemExit(f"error: '{args.ckpt}' has no 'data' entry with latent_shape and scaling_factor")
-        return ckpt, args.model, tuple(d["latent_shape"]), d["scaling_factor"], str(d.get("vae", "none")), \
-            d.get("class_names")
+        vae = str(d.get("vae", "none"))
+        if args.vae and vae != "none" and os.path.realpath(args.vae) != os.path.realpath(vae):
+            print(f"warning: --vae {args.vae} is not the VAE that '{args.ckpt}' was trained with ({vae}); the "
+                  f"samples are right only if the two are the same weights", file=sys.stderr)
+        return ckpt, args.model, tuple(d["latent_shape"]), d["scaling_factor"], vae, d.get("class_names")
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:  # released: keep the weights, not the optimizer states
+        ckpt = {"state_dict": ckpt["state_dict"]}
     # released Lightning checkpoint (or not a checkpoint at all: load_ddt says so): ImageNet, SD-VAE latents
     config = args.model or "DDT-XL/2"
     C = ddt.PRESETS[config].in_channels if config in ddt.PRESETS else 4
@@ -317,22 +330,40 @@ def main(argv=None):
 
     rank, _, world, device = ddt.setup_dist()
     try:
-        run(args, rank, world, device)
+        with ddt.stop_signals() as received:
+            run(args, rank, world, device, received)
     finally:
         ddt.cleanup_dist()
 
 
-def run(args, rank, world, device):
+def weights_digest(model):
+    """sha1 of the model's weights (names, dtypes, shapes, bytes): which weights a rank samples with."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def run(args, rank, world, device, received):
     try:
         ckpt, config, latent_shape, scale, vae_name, names = checkpoint_info(args)
         pixel = vae_name.lower() == "none"
         if not pixel and args.vae is None:
             raise SystemExit(f"error: '{args.ckpt}' is a latent model (its VAE: {vae_name}): pass --vae PATH")
-        model = ddt.load_ddt(args.ckpt, config, ema=True, ckpt=ckpt).to(device)
+        model = ddt.load_ddt(args.ckpt, config, ema=True, ckpt=ckpt)
         del ckpt
+        digest = weights_digest(model)
+        model = model.to(device)
         vae = None if pixel else ddt.load_vae(args.vae).to(device)
     except (OSError, ValueError) as e:  # ddt.CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
+    if world > 1:  # a checkpoint rewritten while the ranks read it would mix two models in one .npz
+        digests = [None] * world
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            raise SystemExit(f"error: the ranks read different weights from '{args.ckpt}' (was it rewritten while "
+                             f"they loaded it?); rerun when it no longer changes, or sample from a copy")
     K, k = model.cfg.num_classes, args.encoder_steps or args.num_steps
     classes = args.classes if args.classes is not None else list(range(K))
     if bad := [c for c in classes if not 0 <= c < K]:
@@ -355,11 +386,13 @@ def run(args, rank, world, device):
         dist.broadcast_object_list(steps, src=0)
         steps = steps[0]
 
-    settings = dict(ckpt=os.path.abspath(args.ckpt), mtime=os.path.getmtime(args.ckpt), seed=args.seed,
-                    num_steps=args.num_steps, cfg=[args.cfg_scale] + args.cfg_interval, timeshift=args.timeshift,
-                    last_step=args.last_step, encoder_steps=steps, bf16=bf16, vae=args.vae, classes=classes,
-                    latent_shape=list(latent_shape), model=asdict(model.cfg))
-    tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # parts of other settings never mix in
+    settings = dict(weights=digest, seed=args.seed, num_steps=args.num_steps, cfg=[args.cfg_scale] + args.cfg_interval,
+                    timeshift=args.timeshift, last_step=args.last_step, encoder_steps=steps, bf16=bf16, vae=args.vae,
+                    classes=classes, latent_shape=list(latent_shape), model=asdict(model.cfg))
+    tag = [hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]]  # parts of other settings never mix in
+    if world > 1:
+        dist.broadcast_object_list(tag, src=0)  # rank 0 decides: every rank names its parts alike
+    tag = tag[0]
     parts = os.path.splitext(args.npz)[0] + "_parts" if args.npz else None
     if parts:
         os.makedirs(parts, exist_ok=True)
@@ -372,7 +405,18 @@ def run(args, rank, world, device):
     if world > 1:
         dist.barrier()  # every rank has listed the finished parts before any rank writes new ones
     kept, stats, done, t0 = {}, {"encoder_evals": 0, "decoder_evals": 0}, 0, time.time()
-    for s, e in tqdm(todo[rank::world], disable=rank != 0, desc=f"sampling on {world} rank(s)"):
+    mine = todo[rank::world]
+    for r in tqdm(range(math.ceil(len(todo) / world)), disable=rank != 0, desc=f"sampling on {world} rank(s)"):
+        # every rank makes the same number of rounds (its last one may be empty): the stop check is a collective
+        if stop := ddt.stop_requested(received, device):
+            kept_msg = f"the finished batches are kept in {parts}" if parts else "without --npz nothing is kept"
+            if rank == 0:
+                print(f"stopped by {signal.Signals(stop).name}: {kept_msg}; rerun the same command to resume",
+                      flush=True)
+            raise SystemExit(ddt.EXIT_STOPPED)
+        if r == len(mine):
+            continue
+        s, e = mine[r]
         noise = sample_noise(args.seed, range(s, e), latent_shape).to(device)  # (b, C, H, W)
         with autocast:
             x = euler_sample(model, noise, torch.tensor(labels[s:e], device=device), args.num_steps,

@@ -6,16 +6,23 @@ Train a DDT with linear flow matching and REPA, as in the paper, from one CPU pr
         --max-steps 1500 --ckpt-every 250
     torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
 
-Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU: every random draw of step s
-(data order, t, noise, class dropout, flips) is seeded by (seed, step, rank), so the step number is the
-whole data/RNG state.
+Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU (on GPUs up to the kernels that are
+not deterministic): every random draw of step s (data order, t, noise, class dropout, flips) is seeded by
+(seed, step, rank), so the step number is the whole data/RNG state.
+
+SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) stops the run after the step in progress (all ranks at the same step), writes
+OUT/ckpt.pt and exits with status ddt.EXIT_STOPPED (75); a second signal during that write changes nothing. One run
+per folder: rank 0 holds an OS lock on OUT/train.lock while it runs (released by the OS if the process dies).
 """
 
 import argparse
 import copy
+import errno
+import fcntl
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, replace
 
@@ -161,6 +168,25 @@ def add_model_args(p, default):
         p.add_argument(f"--{name}", type=int, help="override the preset's value")
 
 
+def lock_out_dir(out_dir):
+    """Rank 0's lock on OUT/train.lock (flock), held while the file stays open; the OS drops it when the
+    process ends, also by a crash or SIGKILL, so no stale lock is ever left behind."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, "train.lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise SystemExit(f"--out-dir {out_dir} is in use by a live train.py run (it holds "
+                             f"{os.path.join(out_dir, 'train.lock')}); wait for it to end, or use another "
+                             f"--out-dir") from None
+        print(f"warning: cannot lock --out-dir {out_dir} ({e}; a filesystem without flock?): nothing stops a "
+              f"second run from writing to the same folder")
+        return None
+    return f
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train DDT (flow matching + REPA). Defaults are the paper's, "
                                 "except the EMA warm-up (--no-ema-warmup).")
@@ -210,6 +236,20 @@ def model_config(args, meta):
 def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world, device = ddt.setup_dist()
+    lock = None
+    try:
+        if rank == 0:
+            lock = lock_out_dir(args.out_dir)
+        with ddt.stop_signals() as received:
+            return train(args, rank, local_rank, world, device, received)
+    finally:
+        if lock is not None:
+            lock.close()
+        ddt.cleanup_dist()
+
+
+def train(args, rank, local_rank, world, device, received):
+    """The run of main(); `received` gets the stop signals (ddt.stop_signals)."""
     master = rank == 0
     if args.global_batch_size % (world * args.grad_accum):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} must divide by ranks x --grad-accum "
@@ -269,20 +309,30 @@ def main(argv=None):
         ema.load_state_dict(ckpt["ema"])
         if student.projector is not None:
             student.projector.load_state_dict(ckpt["projector"])
-        opt.load_state_dict(ckpt["optimizer"])
-        for group in opt.param_groups:  # the flags win over the stored hyperparameters (e.g. a lower --lr)
+        opt_state = ckpt["optimizer"]
+        for group in opt_state["param_groups"]:  # the flags win over the stored hyperparameters (e.g. a lower
+            # --lr), and `fused` must be this device's before loading: it decides where the step counts go
+            # (a CPU-saved state resumed on a GPU with fused AdamW needs them on the GPU)
             group.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay, fused=fused)
+        opt.load_state_dict(opt_state)
         step = ckpt["step"]
+        del ckpt, opt_state  # the rest of the memory-mapped file
         if master:
             print(f"resumed {ckpt_path} at step {step}")
-            log_path = os.path.join(args.out_dir, "log.jsonl")
-            if os.path.exists(log_path):  # drop what was logged after the checkpoint: those steps are redone
-                with open(log_path) as f:
-                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-                with ddt.atomic_write(log_path, "w") as f:
-                    f.writelines(kept)
-    elif master:
+    if master:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+        log_path = os.path.join(args.out_dir, "log.jsonl")
+        if os.path.exists(log_path):  # drop what was logged after the checkpoint: those steps are redone
+            kept = []
+            with open(log_path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by a crash mid-write
+                        continue
+            with ddt.atomic_write(log_path, "w") as f:
+                f.writelines(kept)
     if world > 1:  # every rank must have resumed from the same step (a node-local --out-dir would not)
         steps = torch.tensor([step, -step], device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
@@ -317,7 +367,8 @@ def main(argv=None):
               f"x {micro} images, {precision}, {len(batches.valid)} images, steps {step} -> {max_steps}")
     loader = torch.utils.data.DataLoader(StepDataset(batches, step, max_steps), batch_size=None, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=False, prefetch_factor=4 if args.num_workers else None)
+                                         persistent_workers=False, prefetch_factor=4 if args.num_workers else None,
+                                         worker_init_fn=ddt.ignore_stop_signals)
     scale = meta["scaling_factor"]
     grid_vae = None  # latent sets: the grids are decoded with the dataset's VAE, if it is still there
     if master and args.sample_every and meta["vae"] != "none":
@@ -390,14 +441,21 @@ def main(argv=None):
                     f.write(json.dumps(rec) + "\n")
             sums.zero_()
             t0, t_step0 = time.time(), step
-        if master and (step % args.ckpt_every == 0 or step == max_steps or
-                       (args.keep_every and step % args.keep_every == 0)):
+        saved = step % args.ckpt_every == 0 or step == max_steps or bool(args.keep_every and step % args.keep_every == 0)
+        if master and saved:
             save(step)
         if master and args.sample_every and (step % args.sample_every == 0 or step == max_steps):
             write_grid(ema, grid_vae, meta, args, device, os.path.join(args.out_dir, "samples", f"{step:07d}.png"))
-        if world > 1 and (step % args.ckpt_every == 0 or step == max_steps):
+        stop = ddt.stop_requested(received, device) if step < max_steps else 0  # the same on every rank
+        if master and stop and not saved:
+            save(step)
+        if world > 1 and (step % args.ckpt_every == 0 or step == max_steps or stop):
             dist.barrier()  # no rank runs ahead of (or exits before) a checkpoint being written
-    ddt.cleanup_dist()
+        if stop:
+            if master:
+                print(f"stopped by {signal.Signals(stop).name} at step {step}: rerun the same command to resume",
+                      flush=True)
+            raise SystemExit(ddt.EXIT_STOPPED)
     return raw_model
 
 
