@@ -29,6 +29,7 @@ SIGUSR1 or SIGINT stops a rank after its batch in progress, keeping the finished
 """
 
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -218,6 +219,9 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
     `received` (from ddt.stop_signals): once it holds a signal, the rank stops after its current batch."""
     N, R, cs = len(dataset), settings["resolution"], settings["chunk_size"]
     state = check_out(out, settings, overwrite)
+    if rank == 0 and state == "resume":  # chunk files a killed run was writing (no rank writes before the barrier)
+        for tmp in glob.glob(os.path.join(glob.escape(out), ".progress", "*.tmp*")):
+            os.remove(tmp)
     barrier()  # every rank has looked at --out before rank 0 changes it
     if state == "done":
         if rank == 0:

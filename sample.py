@@ -18,6 +18,7 @@ memory-mapped and only the EMA weights are used, so ranks do not hold the optimi
 """
 
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -396,6 +397,9 @@ def run(args, rank, world, device, received):
     parts = os.path.splitext(args.npz)[0] + "_parts" if args.npz else None
     if parts:
         os.makedirs(parts, exist_ok=True)
+        if rank == 0:  # what a killed run's atomic writes left (no rank writes before the barrier below)
+            for tmp in glob.glob(os.path.join(glob.escape(parts), "*.tmp*")) + glob.glob(glob.escape(args.npz) + ".tmp*"):
+                os.remove(tmp)
 
     def part_path(s, e):
         return os.path.join(parts, f"{s:07d}_{e:07d}_{tag}.npz")

@@ -5,8 +5,10 @@
 
 import itertools
 import json
+import math
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -1136,3 +1138,306 @@ def test_gpu_train_bf16_compiled(tmp_path):
                "--precision", "bf16", "--compile")
     log = read_log(str(tmp_path / "run"))
     assert all(np.isfinite(r["loss"]) and r["peak_mem_gb"] > 0 for r in log)
+
+
+# =============================================================================================
+# issue 12: cluster-grade reliability (preemption signals, SIGKILL at random moments, locks, memory, ranks)
+
+
+def start_script(log, *args):
+    """Start one of the scripts in the background (one thread), its output in the file `log`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, *map(str, args)], cwd=HERE, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the process ended ({proc.returncode}) before it was signalled"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def finished(proc, log, timeout=120):
+    proc.wait(timeout=timeout)
+    return proc.returncode, open(log).read()
+
+
+def tmp_files(root):
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if ".tmp" in f]
+
+
+def assert_same_run(a, b):
+    ca, cb = (torch.load(os.path.join(r, "ckpt.pt"), weights_only=True) for r in (a, b))
+    assert ca["step"] == cb["step"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert [r["step"] for r in read_log(a)] == [r["step"] for r in read_log(b)]  # logged once
+
+
+def test_train_sigterm_stops_after_the_step_and_resumes_bit_identical(tmp_path):
+    data = make_dataset(tmp_path / "data", n=64)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    flags = [*TRAIN_TINY, "--max-steps", "400", "--ckpt-every", "1000", "--log-every", "1"]
+    train.main(["--data", data, "--out-dir", a, *flags])
+    proc = start_script(tmp_path / "log", "train.py", "--data", data, "--out-dir", b, *flags)
+    wait_until(lambda: os.path.exists(os.path.join(b, "log.jsonl")) and len(read_log(b)) >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)  # a second signal, most likely during the save: changes nothing
+    rc, out = finished(proc, tmp_path / "log")
+    step = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"]
+    assert rc == ddt.EXIT_STOPPED and "Traceback" not in out, out
+    assert f"stopped by SIGTERM at step {step}: rerun the same command to resume" in out
+    assert 5 <= step < 400 and not tmp_files(b)  # no checkpoint before: the stop saved it
+    train.main(["--data", data, "--out-dir", b, *flags])  # the same command resumes
+    assert_same_run(a, b)
+    assert [r["loss"] for r in read_log(a)] == [r["loss"] for r in read_log(b)]  # one step per record
+
+
+def test_train_two_ranks_stop_at_the_same_step(tmp_path):
+    # SIGUSR1 to rank 1 only: the flag is reduced across ranks, so rank 0 stops at the same step
+    data = make_dataset(tmp_path / "data", n=64)
+    run = str(tmp_path / "run")
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import json, os, sys\nsys.path.insert(0, {HERE!r})\nimport ddt, train\n"
+                      f"checks = []\nreal = ddt.stop_requested\n"
+                      f"ddt.stop_requested = lambda *a: checks.append(real(*a)) or checks[-1]\n"
+                      f"open(os.path.join({run!r}, 'pid' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
+                      f"try:\n    train.main(sys.argv[1:])\nfinally:\n"
+                      f"    open(os.path.join({run!r}, 'steps' + os.environ['RANK']), 'w').write(json.dumps(checks))\n")
+    os.makedirs(run)
+    proc = start_script(tmp_path / "log", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29523", driver, "--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "3000",
+                        "--ckpt-every", "100000", "--log-every", "2")
+    wait_until(lambda: os.path.exists(os.path.join(run, "pid1")) and os.path.exists(os.path.join(run, "log.jsonl"))
+               and len(read_log(run)) >= 2, proc)
+    os.kill(int(open(os.path.join(run, "pid1")).read()), signal.SIGUSR1)
+    rc, out = finished(proc, tmp_path / "log")
+    assert "exitcode  : 75" in out and 'train.py", line' not in out, out  # torchrun reports the ranks' status 75
+    s0, s1 = (json.load(open(os.path.join(run, f"steps{r}"))) for r in (0, 1))
+    step = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["step"]
+    assert s0 == s1 == [0] * (step - 1) + [signal.SIGUSR1]  # every step checked, both ranks stop at the same one
+    assert f"stopped by SIGUSR1 at step {step}" in out
+
+
+def test_sample_and_prepare_stop_on_sigterm_keeping_finished_work(tmp_path):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    proc = start_script(tmp_path / "log", "sample.py", "--ckpt", ckpt, "--num-samples", 400, "--batch-size", 2,
+                        "--num-steps", 10, "--npz", tmp_path / "s.npz")
+    parts = tmp_path / "s_parts"
+    wait_until(lambda: parts.exists() and len(os.listdir(parts)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finished(proc, tmp_path / "log")
+    assert rc == ddt.EXIT_STOPPED and "Traceback" not in out, out
+    assert f"stopped by SIGTERM: the finished batches are kept in {parts}" in out
+    assert len(os.listdir(parts)) >= 2 and not tmp_files(parts) and not (tmp_path / "s.npz").exists()
+
+    proc = start_script(tmp_path / "log2", "prepare_latents.py", "--toy", "--out", tmp_path / "toy",
+                        "--chunk-size", 100, "--batch-size", 10)
+    progress = tmp_path / "toy" / ".progress"
+    wait_until(lambda: progress.exists() and len(os.listdir(progress)) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    rc, out = finished(proc, tmp_path / "log2")
+    assert rc == ddt.EXIT_STOPPED and "Traceback" not in out, out
+    assert "rank 0 stopped by SIGINT: the finished chunks are kept" in out
+    done = os.listdir(progress)
+    assert 2 <= len(done) < 50 and not (tmp_path / "toy" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("script", ["prepare_latents", "train", "sample"])
+def test_sigkill_at_random_moments_then_rerun_gives_the_same_output(script, tmp_path):
+    """Killed with SIGKILL (nothing of the script runs) three times at random moments of its work, each rerun
+    resuming from what the previous one left; the final rerun's output equals an uninterrupted run's."""
+    rng = np.random.default_rng(["prepare_latents", "train", "sample"].index(script))  # reproducible moments
+    if script == "prepare_latents":
+        started = "rank 0 of 1"  # the progress bar: encoding begins
+
+        def cmd(out):
+            return ["prepare_latents.py", "--toy", "--out", out, "--chunk-size", 250, "--batch-size", 50]
+
+        def check(ref, cut):
+            assert_same(ref, cut)
+            assert not tmp_files(cut) and not os.listdir(os.path.join(cut, ".progress"))[0].endswith(".npz")
+    elif script == "train":
+        data, started = make_dataset(tmp_path / "data", n=64), "rank(s) x"  # the line before the first step
+
+        def cmd(out):
+            return ["train.py", "--data", data, "--out-dir", out, *TRAIN_TINY, "--max-steps", 200, "--ckpt-every", 9,
+                    "--log-every", 50]
+
+        def check(ref, cut):
+            assert_same_run(ref, cut)
+            assert not tmp_files(cut)
+    else:
+        ckpt, started = save_tiny_ckpt(tmp_path / "ckpt.pt"), "sampling on 1 rank(s)"
+
+        def cmd(out):
+            return ["sample.py", "--ckpt", ckpt, "--num-samples", 48, "--batch-size", 4, "--num-steps", 12,
+                    "--cfg-scale", 2.0, "--npz", out + ".npz"]
+
+        def check(ref, cut):
+            with np.load(ref + ".npz") as a, np.load(cut + ".npz") as b:
+                assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+            assert not os.path.exists(cut + "_parts")
+
+    def run_until(out, log, seconds=math.inf):  # the time the script worked, or None if it was killed
+        proc = start_script(log, *cmd(out))
+        wait_until(lambda: started in open(log).read(), proc)
+        t0 = time.time()
+        try:
+            proc.wait(timeout=None if seconds == math.inf else seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # SIGKILL
+            proc.wait()
+            return None
+        assert proc.returncode == 0, open(log).read()
+        return time.time() - t0
+
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    work = run_until(ref, tmp_path / "log_ref")
+    killed = [run_until(cut, tmp_path / f"log{k}", rng.uniform(0.05, 0.35) * work) is None for k in range(3)]
+    assert sum(killed) >= 2  # (one may finish first)
+    run_until(cut, tmp_path / "log_last")
+    check(ref, cut)
+
+
+def test_second_train_on_a_held_out_dir_is_refused(tmp_path):
+    import fcntl
+    data = make_dataset(tmp_path / "data", n=32)
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "train.lock", "a") as held:  # what a live run holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match=f"--out-dir {run} is in use by a live train.py run"):
+            train.main(["--data", data, "--out-dir", str(run), *TRAIN_TINY, "--max-steps", "1"])
+    assert not (run / "ckpt.pt").exists()
+    train.main(["--data", data, "--out-dir", str(run), *TRAIN_TINY, "--max-steps", "1"])  # released: runs
+    assert (run / "ckpt.pt").exists()
+
+
+def test_resume_survives_a_torn_log_line_and_a_missing_samples_folder(tmp_path):
+    data = make_dataset(tmp_path / "data", n=32)
+    run = str(tmp_path / "run")
+    train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "2"])
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write('{"step": 3, "loss": 0.')  # a crash in the middle of a write
+    shutil.rmtree(os.path.join(run, "samples"))
+    train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "3", "--sample-every", "3",
+                "--sample-steps", "2"])
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3]
+    assert os.path.isfile(os.path.join(run, "samples", "0000003.png"))
+
+
+def test_atomic_write_removes_its_temporary_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"the last good checkpoint")
+    with pytest.raises(OSError, match="No space left"):
+        with ddt.atomic_write(str(path)) as f:
+            f.write(b"half of a checkpoint")
+            raise OSError(28, "No space left on device")  # what a full disk raises
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and path.read_bytes() == b"the last good checkpoint"
+
+
+def test_process_group_timeout_allows_long_checkpoint_writes(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(k, v)
+    ddt.setup_dist()
+    assert seen["timeout"] == ddt.DIST_TIMEOUT and ddt.DIST_TIMEOUT.total_seconds() >= 30 * 60
+
+
+def test_sampling_maps_the_checkpoint_and_skips_the_optimizer(tmp_path):
+    # a checkpoint with 400 MB of optimizer state: sampling from it must not read that into memory
+    model = tiny_model(in_channels=3, num_classes=4)
+    sd = model.state_dict()
+    ckpt = {"config": asdict(model.cfg), "model": sd, "ema": sd, "step": 0,
+            "optimizer": {"state": {0: {"exp_avg": torch.ones(100_000_000)}}, "param_groups": []},
+            "data": {"scaling_factor": 1.0, "vae": "none", "latent_shape": [3, 8, 8], "num_classes": 4}}
+    ddt.save_atomic(ckpt, str(tmp_path / "ckpt.pt"))
+    del ckpt
+    driver = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import sample\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "sample.main(sys.argv[2:])\n"
+              "print('peak growth MB', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+    out = run_script("-c", driver, HERE, "--ckpt", str(tmp_path / "ckpt.pt"), "--num-samples", "1", "--num-steps", "2",
+                     "--out", str(tmp_path / "g.png")).stdout
+    assert float(out.split("peak growth MB")[1]) < 150, out
+
+
+def test_sample_warns_when_vae_differs_from_the_checkpoints(tmp_path, monkeypatch, capsys):
+    ckpt = save_tiny_ckpt(tmp_path / "latent.pt", in_channels=4, vae=VAE_TINY, scaling=0.18215)
+    shutil.copytree(VAE_TINY, tmp_path / "other_vae")
+    base = ["--ckpt", ckpt, "--num-steps", 2, "--num-samples", 1, "--out", tmp_path / "g.png"]
+    cli(monkeypatch, *base, "--vae", VAE_TINY)
+    assert "warning" not in capsys.readouterr().err
+    cli(monkeypatch, *base, "--vae", tmp_path / "other_vae")
+    assert f"warning: --vae {tmp_path / 'other_vae'} is not the VAE that '{ckpt}' was trained with" in \
+        capsys.readouterr().err
+
+
+def test_sample_ranks_that_read_different_weights_refuse(tmp_path):
+    # the checkpoint rewritten between the ranks' loads: rank 1 reads other weights; both ranks stop, no parts mix
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    other = tmp_path / "other.pt"
+    sd = torch.load(ckpt, weights_only=True)
+    sd["ema"] = {k: v + 1 for k, v in sd["ema"].items()}
+    ddt.save_atomic(sd, str(other))
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import os, sys\nsys.path.insert(0, {HERE!r})\nimport ddt, sample\n"
+                      f"real = ddt.load_checkpoint\n"
+                      f"if os.environ['RANK'] == '1':\n"
+                      f"    ddt.load_checkpoint = lambda path, *a: real({str(other)!r}, *a)\n"
+                      f"sample.main(sys.argv[1:])\n")
+    r = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29524", str(driver),
+                   "--ckpt", ckpt, "--num-samples", "4", "--num-steps", "2", "--npz", str(tmp_path / "s.npz"),
+                   env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}, check=False, timeout=120)
+    assert r.returncode != 0 and "the ranks read different weights" in r.stderr + r.stdout
+    assert 'sample.py", line' not in r.stderr and not (tmp_path / "s.npz").exists()  # (torchrun's own report aside)
+
+
+def test_two_ranks_of_prepare_latents_never_write_the_same_file(tmp_path):
+    # every file (so every filesystem page) that prepare_latents.py writes has one writer; rank 0 alone writes
+    # the shared arrays, the other rank's chunks go through files of their own
+    make_folder(tmp_path / "data")
+    log = tmp_path / "writes"
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import builtins, os, sys\nsys.path.insert(0, {HERE!r})\nimport prepare_latents\n"
+                      f"fd = os.open({str(log)!r} + os.environ['RANK'], os.O_WRONLY | os.O_CREAT | os.O_APPEND)\n"
+                      f"real_open, real_replace = builtins.open, os.replace\n"
+                      f"def logged_open(file, mode='r', *a, **k):\n"
+                      f"    if isinstance(file, (str, os.PathLike)) and any(c in mode for c in 'wa+'):\n"
+                      f"        os.write(fd, (os.path.abspath(file) + '\\n').encode())\n"
+                      f"    return real_open(file, mode, *a, **k)\n"
+                      f"def logged_replace(src, dst):\n"
+                      f"    os.write(fd, (os.path.abspath(dst) + '\\n').encode())\n"
+                      f"    return real_replace(src, dst)\n"
+                      f"builtins.open, os.replace = logged_open, logged_replace\n"
+                      f"prepare_latents.main(sys.argv[1:])\n")
+    args = ["--data-path", str(tmp_path / "data"), "--vae", "none", "--resolution", "16", "--images", "--flip",
+            "--chunk-size", "2", "--batch-size", "2", "--num-workers", "0"]
+    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29525", str(driver), *args,
+               "--out", str(tmp_path / "two"), env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    w0, w1 = (set(open(f"{log}{r}").read().split()) for r in (0, 1))
+    assert not w0 & w1, w0 & w1
+    assert os.path.join(str(tmp_path / "two"), "latents.npy") in w0
+    assert any(f.endswith(".npz") for f in w1)  # rank 1 did write its chunks
+    run_script("prepare_latents.py", *args, "--out", str(tmp_path / "one"))
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
+@cuda
+def test_gpu_resumes_a_cpu_checkpoint_with_fused_adamw(tmp_path):
+    data = make_dataset(tmp_path / "data", n=64)
+    run = str(tmp_path / "run")
+    run_script("train.py", "--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "2",
+               env={"CUDA_VISIBLE_DEVICES": ""})  # saved on the CPU (AdamW not fused)
+    train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "4", "--precision", "fp32"])  # fused
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["optimizer"]["param_groups"][0]["fused"]

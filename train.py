@@ -19,6 +19,7 @@ import argparse
 import copy
 import errno
 import fcntl
+import glob
 import json
 import math
 import os
@@ -169,8 +170,9 @@ def add_model_args(p, default):
 
 
 def lock_out_dir(out_dir):
-    """Rank 0's lock on OUT/train.lock (flock), held while the file stays open; the OS drops it when the
-    process ends, also by a crash or SIGKILL, so no stale lock is ever left behind."""
+    """Rank 0's lock on OUT/train.lock (flock), held while the returned file stays open; the OS drops it when
+    the process ends, also by a crash or SIGKILL, so no stale lock is ever left behind. With the lock, the
+    temporary files that a killed run's atomic writes left are removed."""
     os.makedirs(out_dir, exist_ok=True)
     f = open(os.path.join(out_dir, "train.lock"), "a")
     try:
@@ -184,6 +186,9 @@ def lock_out_dir(out_dir):
         print(f"warning: cannot lock --out-dir {out_dir} ({e}; a filesystem without flock?): nothing stops a "
               f"second run from writing to the same folder")
         return None
+    for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")) + \
+            glob.glob(os.path.join(glob.escape(out_dir), "samples", "*.tmp*")):
+        os.remove(tmp)  # the lock is ours: a temporary file of ddt.atomic_write here is a killed run's leftover
     return f
 
 
