@@ -88,11 +88,14 @@ def rope_2d(d, h, w, device, theta=10000.0, extent=16.0):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, nh, N, d), cos/sin (N, d/2): rotate each consecutive pair (x0, x1) like the complex x0 + i x1
+    # x (B, nh, N, d), cos/sin (N, d/2): rotate each consecutive pair (x0, x1) like the complex x0 + i x1.
+    # In the DDT, x (q or k) arrives in float32 also under bf16 autocast: RMSNorm's float32 weight promotes its
+    # output to float32. So eager bf16 takes the complex float32 path, as the released code does.
     if x.dtype == torch.float32 and not torch.compiler.is_compiling():
         # eager float32: one complex multiply is the fastest kernel (measured 4-5x the real version on CPU)
         return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)).flatten(-2)
-    # bf16 or compiled: real arithmetic in x's own dtype, no complex float32 upcast (fused by torch.compile)
+    # compiled (fused by torch.compile; float32 in the DDT, see above), or an x in another dtype: real
+    # arithmetic in x's own dtype
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, nh, N, d/2) each
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
@@ -109,7 +112,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # statistics in float32, as released; F.rms_norm is one fused kernel
+        # statistics in float32, as released; F.rms_norm is one fused kernel. The product with the float32
+        # weight is float32 also for a bf16 x (under autocast): q and k go on to RoPE in float32
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
