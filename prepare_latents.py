@@ -281,6 +281,7 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
     for idx, img, err in loader:  # (B,), (B, R, R, 3) uint8, B strings; idx is a contiguous range a:b
         a, b = idx[0].item(), idx[-1].item() + 1
         c = a // cs
+        lo, hi = a - c * cs, b - c * cs  # the batch's rows within its chunk
         if c not in rows:
             rows[c] = {name: np.zeros((ends[c] - c * cs, *shape[1:]), dtype) for name, (dtype, shape) in arrays.items()}
         ok = torch.tensor([e == "" for e in err])
@@ -291,10 +292,10 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
             if name in arrays:
                 view = img.flip(2) if name == "latents_flip.npy" else img  # flip along W
                 lat = encode_batch(vae, view, settings["vae_precision"])  # (B, 2, C, h, w)
-                rows[c][name][a - c * cs: b - c * cs] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
+                rows[c][name][lo:hi] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
         if "images.npy" in arrays:
-            rows[c]["images.npy"][a - c * cs: b - c * cs] = img.numpy()
-        rows[c]["valid.npy"][a - c * cs: b - c * cs] = ok.numpy()
+            rows[c]["images.npy"][lo:hi] = img.numpy()
+        rows[c]["valid.npy"][lo:hi] = ok.numpy()
         left[c] -= b - a
         if left[c] == 0:
             if rank == 0:

@@ -398,7 +398,8 @@ def run(args, rank, world, device, received):
     if parts:
         os.makedirs(parts, exist_ok=True)
         if rank == 0:  # what a killed run's atomic writes left (no rank writes before the barrier below)
-            for tmp in glob.glob(os.path.join(glob.escape(parts), "*.tmp*")) + glob.glob(glob.escape(args.npz) + ".tmp*"):
+            for tmp in glob.glob(os.path.join(glob.escape(parts), "*.tmp*")) + \
+                    glob.glob(glob.escape(args.npz) + ".tmp*"):
                 os.remove(tmp)
 
     def part_path(s, e):

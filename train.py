@@ -446,7 +446,8 @@ def train(args, rank, local_rank, world, device, received):
                     f.write(json.dumps(rec) + "\n")
             sums.zero_()
             t0, t_step0 = time.time(), step
-        saved = step % args.ckpt_every == 0 or step == max_steps or bool(args.keep_every and step % args.keep_every == 0)
+        saved = step % args.ckpt_every == 0 or step == max_steps or bool(args.keep_every
+                                                                          and step % args.keep_every == 0)
         if master and saved:
             save(step)
         if master and args.sample_every and (step % args.sample_every == 0 or step == max_steps):
