@@ -343,11 +343,11 @@ def test_dino_golden_parity(dino, golden_dino):
 
 
 def test_dino_pos_embed_cache(dino):
-    a = dino.pos_embed_for(8, 8, torch.float32)
-    assert dino.pos_embed_for(8, 8, torch.float32) is a
+    a = dino.pos_embed_for(8, 8)
+    assert dino.pos_embed_for(8, 8) is a and a.dtype == torch.float32
     assert a.shape == (1, 1 + 64, dino.embed_dim)
     assert torch.equal(a[:, 0], dino.pos_embed[:, 0])  # class token's embedding kept as is
-    full = dino.pos_embed_for(37, 37, torch.float32)  # native grid: no resampling
+    full = dino.pos_embed_for(37, 37)  # native grid: no resampling
     assert torch.equal(full, dino.pos_embed)
 
 
