@@ -224,7 +224,7 @@ def batches(images, batch_size, device, desc):
     """uint8 (N, H, W, 3) array (or memmap) -> (B, 3, H, W) uint8 tensors on `device`, with a tqdm bar in images/s."""
     with tqdm(total=len(images), desc=desc, unit="img", file=sys.stderr) as bar:
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i: i + batch_size])).to(device)
+            x = torch.from_numpy(np.array(images[i: i + batch_size])).to(device)  # a copy: memmaps are read-only
             yield x.permute(0, 3, 1, 2)
             bar.update(len(x))
 
