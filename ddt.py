@@ -764,7 +764,7 @@ class DINOv2(nn.Module):
     """DINOv2 ViT/14. `pos_rule` is how the 37x37 position table is resampled to another token grid:
     "repa" (bicubic with antialiasing to the exact grid size: the REPA teacher, the golden tensors) or "hub"
     (the official hub models' default, bicubic with scale factor (grid + 0.1) / 37 and no antialiasing:
-    FD_DINOv2 as EDM2 computes it). The two differ by ~3% in the features at a 16 x 16 grid."""
+    FD_DINOv2 as EDM2 computes it)."""
 
     def __init__(self, embed_dim, depth, patch_size=14, num_heads=None, mlp_ratio=4, pos_grid=37, pos_rule="repa"):
         super().__init__()

@@ -1369,7 +1369,7 @@ def test_make_ref_round_trip(tmp_path, monkeypatch, capsys, inception_file, ince
         assert np.allclose(ref["mu" + key], mu, rtol=1e-5) and np.allclose(ref["sigma" + key], sigma, rtol=1e-4, atol=1e-7)
     # evaluating all 7 crops against it: the stored statistics are used, so FID and sFID are 0 up to rounding
     # (~1e-5 of the trace: 7 images make a rank-6 covariance in 2048 dimensions, whose ~2000 zero eigenvalues
-    # come out as rounding noise and then go through a square root; with more images than features, ~1e-15)
+    # come out as rounding noise and then go through a square root; with more images than features it is at rounding level)
     np.savez(tmp_path / "all.npz", arr_0=crops)
     evaluate_cli(monkeypatch, tmp_path / "ref.npz", tmp_path / "all.npz", "--inception", inception_file,
                  "--json", tmp_path / "m.json")
