@@ -198,8 +198,9 @@ def load_inception(path):
     try:
         sd = ddt.load_checkpoint(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--inception {path}: no such file; download torch-fidelity's weights-inception-"
-                                f"2015-12-05-6726825d.pth or pytorch-fid's pt_inception-2015-12-05-6726825d.pth") from None
+        raise FileNotFoundError(f"--inception {path}: no such file; download torch-fidelity's "
+                                f"weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
+                                f"pt_inception-2015-12-05-6726825d.pth") from None
     model = InceptionV3()
     own = {k: v for k, v in model.state_dict().items() if not k.endswith(".num_batches_tracked")}
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
@@ -293,9 +294,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             ev = np.linalg.eigvalsh(root1 @ (sigma2 + offset * np.eye(len(sigma2))) @ root1)
             break
         except np.linalg.LinAlgError:
+            if offset:
+                raise ValueError("the square root of sigma1 sigma2 did not converge, even with eps on the diagonals")
             warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
-    else:
-        raise ValueError("the matrix square root of sigma1 sigma2 did not converge, even with eps on the diagonals")
     if ev.min() < -1e-6:
         raise ValueError(f"Imaginary component {np.sqrt(-ev.min())}")
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
@@ -338,8 +339,10 @@ def manifold_radii(features, k=3, block=10000):
     than itself, i.e. the (k+1)-th smallest in its row of distances. features (N, D) tensor -> (N,)."""
     radii = []
     for i in range(0, len(features), block):
-        near = [pairwise_distances(features[i: i + block], features[j: j + block]).topk(
-            min(k + 1, len(features[j: j + block])), dim=1, largest=False).values for j in range(0, len(features), block)]
+        near = []  # the k + 1 nearest of each column block: a block's worth of memory, not a row of N
+        for j in range(0, len(features), block):
+            d = pairwise_distances(features[i: i + block], features[j: j + block])  # (block, block)
+            near.append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
         radii.append(torch.cat(near, dim=1).kthvalue(k + 1, dim=1).values)
     return torch.cat(radii)
 
@@ -503,25 +506,26 @@ def make_ref(source, out, inception, dino=None, resolution=256, num_images=10000
     mu_s, sigma_s; mu_dinov2, sigma_dinov2 with `dino`) and arr_0, a seeded subset of `num_images` of them
     in their order (precision/recall use it). `source`: a dataset of prepare_latents.py made with --images
     (its valid images), an .npz with arr_0, or an image folder (ADM centre crop to `resolution`)."""
-    if os.path.isfile(os.path.join(source, "images.npy")):
+    if os.path.isfile(os.path.join(source, "images.npy")):  # a prepare_latents.py dataset
         images = np.load(os.path.join(source, "images.npy"), mmap_mode="r")
-        valid = np.load(os.path.join(source, "valid.npy"))
-        images = images if valid.all() else images[np.flatnonzero(valid)]  # (only then read into memory)
-    elif os.path.isdir(source):
-        images = FolderImages(source, resolution)
-    elif source.endswith(".npz"):
-        images = open_images(source)
+        rows = np.flatnonzero(np.load(os.path.join(source, "valid.npy")))  # an unreadable file left a zero row
     else:
-        raise ValueError(f"--make-ref {source}: expected an image folder, a prepare_latents.py dataset made with "
-                         f"--images, or an .npz with arr_0")
-    pool, spatial, _ = inception_features(inception, images, batch_size)
+        if os.path.isdir(source):
+            images = FolderImages(source, resolution)
+        elif source.endswith(".npz"):
+            images = open_images(source)
+        else:
+            raise ValueError(f"--make-ref {source}: expected an image folder, a prepare_latents.py dataset made "
+                             f"with --images, or an .npz with arr_0")
+        rows = np.arange(len(images))
+    pool, spatial, _ = (f[rows] for f in inception_features(inception, images, batch_size))
     check_features(pool, source, "Inception")
     arrays = dict(zip(REF_STATS, feature_statistics(pool) + feature_statistics(spatial)))
     if dino is not None:
-        feats = dino_features(dino, images, batch_size)
+        feats = dino_features(dino, images, batch_size)[rows]
         check_features(feats, source, "DINOv2")
         arrays["mu_dinov2"], arrays["sigma_dinov2"] = feature_statistics(feats)
-    keep = np.sort(np.random.default_rng(seed).choice(len(images), min(num_images, len(images)), replace=False))
+    keep = rows[np.sort(np.random.default_rng(seed).choice(len(rows), min(num_images, len(rows)), replace=False))]
     arrays["arr_0"] = np.concatenate([images[keep[i: i + batch_size]] for i in range(0, len(keep), batch_size)])
     with ddt.atomic_write(out) as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
@@ -553,6 +557,8 @@ def parse_args(argv=None):
             p.error("--make-ref SOURCE takes --out REF.npz and no positional files")
     elif not (args.ref and args.samples):
         p.error("give REF.npz and SAMPLES.npz (or --make-ref SOURCE --out REF.npz)")
+    if args.out and not args.make_ref:
+        p.error("--out goes with --make-ref")
     if min(args.batch_size, args.num_images, args.resolution) < 1:
         p.error("--batch-size, --num-images and --resolution must be >= 1")
     return args
@@ -567,7 +573,8 @@ def main(argv=None):
         if args.make_ref:
             arrays = make_ref(args.make_ref, args.out, inception, dino, args.resolution, args.num_images, args.seed,
                               args.batch_size)
-            print(f"wrote {args.out}: arr_0 {arrays['arr_0'].shape}, statistics {', '.join(k for k in arrays if k != 'arr_0')}")
+            stats = ", ".join(k for k in arrays if k != "arr_0")
+            print(f"wrote {args.out}: arr_0 {arrays['arr_0'].shape}, statistics {stats}")
             return
         results = evaluate(args.ref, args.samples, inception, dino, args.batch_size, device)
     except (OSError, ValueError, NotImplementedError) as e:  # bad files: a message, not a traceback

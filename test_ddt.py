@@ -1326,9 +1326,9 @@ def evaluate_cli(monkeypatch, *argv):
 
 
 def test_cli_end_to_end(tmp_path, monkeypatch, capsys, inception_file, inception):
-    ref, samples = random_images(8, 24, seed=1), random_images(6, 24, seed=2)
+    ref, samples = random_images(5, 24, seed=1), random_images(4, 24, seed=2)
     np.savez(tmp_path / "ref.npz", arr_0=ref)
-    np.savez(tmp_path / "samples.npz", arr_0=samples, arr_1=np.zeros(6, dtype=np.int64))
+    np.savez(tmp_path / "samples.npz", arr_0=samples, arr_1=np.zeros(4, dtype=np.int64))
     evaluate_cli(monkeypatch, tmp_path / "ref.npz", tmp_path / "samples.npz", "--inception", inception_file,
                  "--batch-size", 4, "--json", tmp_path / "m.json")
     out = capsys.readouterr()
@@ -1354,21 +1354,21 @@ def test_center_crop_is_prepare_latents_one():
 def test_make_ref_round_trip(tmp_path, monkeypatch, capsys, inception_file, inception):
     folder = tmp_path / "val" / "class_a"
     folder.mkdir(parents=True)
-    full = random_images(7, 30, 40, seed=3)
+    full = random_images(5, 30, 40, seed=3)
     for i, im in enumerate(full):
         Image.fromarray(im).save(folder / f"{i:02d}.png")
     evaluate_cli(monkeypatch, "--make-ref", tmp_path / "val", "--out", tmp_path / "ref.npz", "--inception",
-                 inception_file, "--resolution", 24, "--num-images", 5, "--seed", 1)
+                 inception_file, "--resolution", 24, "--num-images", 4, "--seed", 1)
     crops = np.stack([center_crop_arr(Image.fromarray(im), 24) for im in full])
     with np.load(tmp_path / "ref.npz") as f:
         ref = dict(f)
-    keep = np.sort(np.random.default_rng(1).choice(7, 5, replace=False))
+    keep = np.sort(np.random.default_rng(1).choice(5, 4, replace=False))
     assert np.array_equal(ref["arr_0"], crops[keep])  # a seeded subset, in order
-    pool, spatial, _ = evaluate.inception_features(inception, crops)  # statistics over all 7 images
+    pool, spatial, _ = evaluate.inception_features(inception, crops)  # statistics over all 5 images
     for (mu, sigma), key in ((evaluate.feature_statistics(pool), ""), (evaluate.feature_statistics(spatial), "_s")):
         assert np.allclose(ref["mu" + key], mu, rtol=1e-5) and np.allclose(ref["sigma" + key], sigma, rtol=1e-4, atol=1e-7)
-    # evaluating all 7 crops against it: the stored statistics are used, so FID and sFID are 0 up to rounding
-    # (~1e-5 of the trace: 7 images make a rank-6 covariance in 2048 dimensions, whose ~2000 zero eigenvalues
+    # evaluating all 5 crops against it: the stored statistics are used, so FID and sFID are 0 up to rounding
+    # (~1e-5 of the trace: 5 images make a rank-4 covariance in 2048 dimensions, whose ~2000 zero eigenvalues
     # come out as rounding noise and then go through a square root; with more images than features it is at rounding level)
     np.savez(tmp_path / "all.npz", arr_0=crops)
     evaluate_cli(monkeypatch, tmp_path / "ref.npz", tmp_path / "all.npz", "--inception", inception_file,
@@ -1379,20 +1379,20 @@ def test_make_ref_round_trip(tmp_path, monkeypatch, capsys, inception_file, ince
     data = tmp_path / "data"
     data.mkdir()
     np.save(data / "images.npy", np.concatenate([crops, crops[:1] * 0]))
-    np.save(data / "valid.npy", np.array([True] * 7 + [False]))
+    np.save(data / "valid.npy", np.array([True] * 5 + [False]))
     evaluate_cli(monkeypatch, "--make-ref", data, "--out", tmp_path / "ref2.npz", "--inception", inception_file,
-                 "--num-images", 5, "--seed", 1)
+                 "--num-images", 4, "--seed", 1)
     with np.load(tmp_path / "ref2.npz") as f:
         assert np.array_equal(f["arr_0"], crops[keep]) and np.allclose(f["mu"], ref["mu"], rtol=1e-5)
 
 
 def test_cli_bad_inputs(tmp_path, monkeypatch, inception_file):
-    good = random_images(6, 16)
+    good = random_images(4, 16)
     np.savez(tmp_path / "ref.npz", arr_0=good)
     np.savez(tmp_path / "noarr.npz", images=good)
     np.savez(tmp_path / "small.npz", arr_0=good[:, :8, :8])
-    np.savez(tmp_path / "mu_only.npz", arr_0=good, mu=np.zeros(2048), sigma=np.eye(2048))
-    np.savez(tmp_path / "same.npz", arr_0=np.repeat(good[:1], 6, axis=0))
+    np.savez(tmp_path / "mu_only.npz", arr_0=good, mu=np.zeros(2048), sigma=np.eye(2))  # checked before use
+    np.savez(tmp_path / "same.npz", arr_0=np.repeat(good[:1], 4, axis=0))
     np.savez(tmp_path / "three.npz", arr_0=good[:3])
     np.savez(tmp_path / "float.npz", arr_0=good.astype(np.float32))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
@@ -1405,7 +1405,7 @@ def test_cli_bad_inputs(tmp_path, monkeypatch, inception_file):
              (("ref.npz", "junk.npz"), "junk.npz is not a readable .npz"),
              (("ref.npz", "missing.npz"), "missing.npz: no such file"),
              (("mu_only.npz", "ref.npz"), "mu_only.npz has mu, sigma but not mu_s, sigma_s"),
-             (("ref.npz", "same.npz"), "all 6 images of .*same.npz give the same Inception features"),
+             (("ref.npz", "same.npz"), "all 4 images of .*same.npz give the same Inception features"),
              (("ref.npz", "three.npz"), "three.npz has 3 images"),
              (("ref.npz", "ref.npz", "nan.pth"), "Inception features of .*ref.npz are not finite")]
     for files, match in cases:
@@ -1446,7 +1446,7 @@ def test_dino_token_stream_float32_under_autocast(dino):
 
 
 def test_cli_fd_dinov2(tmp_path, monkeypatch, capsys, inception_file):
-    ref, samples = random_images(6, 24, seed=1), random_images(5, 24, seed=2)
+    ref, samples = random_images(5, 24, seed=1), random_images(4, 24, seed=2)
     np.savez(tmp_path / "ref.npz", arr_0=ref)
     np.savez(tmp_path / "samples.npz", arr_0=samples)
     evaluate_cli(monkeypatch, tmp_path / "ref.npz", tmp_path / "samples.npz", "--inception", inception_file,
@@ -1461,7 +1461,7 @@ def test_cli_fd_dinov2(tmp_path, monkeypatch, capsys, inception_file):
                  inception_file, "--dino", DINO_WEIGHTS)
     with np.load(tmp_path / "ref_d.npz") as f:
         assert f["mu_dinov2"].shape == (128,) and f["sigma_dinov2"].shape == (128, 128)
-        assert np.array_equal(f["arr_0"], ref)  # 6 images, fewer than --num-images: all kept
+        assert np.array_equal(f["arr_0"], ref)  # 5 images, fewer than --num-images: all kept
     evaluate_cli(monkeypatch, tmp_path / "ref_d.npz", tmp_path / "samples.npz", "--inception", inception_file,
                  "--dino", DINO_WEIGHTS, "--json", tmp_path / "m2.json")
     assert json.load(open(tmp_path / "m2.json"))["FD_DINOv2"] == pytest.approx(expected, rel=1e-6)
