@@ -695,7 +695,8 @@ def load_vae(path, config=None):
 
 
 # ===============================================================================================
-# Supporting cast 2: the DINOv2 teacher for REPA (ViT-S/B/L/14 weights of the official DINOv2 release).
+# Supporting cast 2: the DINOv2 teacher for REPA (ViT-S/B/L/14 weights of the official DINOv2 release), also
+# the network of FD_DINOv2 in evaluate.py (ViT-L/14, with the hub's position-embedding rule).
 # Parameter names follow facebookresearch/dinov2, so `dinov2_vit{s,b,l}14_pretrain.pth` loads with strict=True.
 # Inference only: no drop path, no masking (mask_token is kept only because the file has it).
 

@@ -12,8 +12,9 @@ torch-fidelity and pytorch-fid publish.
 An .npz holds `arr_0`, uint8 images (N, H, W, 3) (sample.py --npz writes it). A reference batch may also hold
 `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial) statistics, used instead of its images' when present as
 ADM does, and `mu_dinov2`, `sigma_dinov2`. The file reads like the evaluator it replaces: the Inception network
-(bottom-up), feature extraction, the statistics (numpy functions, each naming the ADM function it equals),
-reference batches, the command line.
+(bottom-up), feature extraction, the statistics (small functions, each naming the ADM function it equals: numpy,
+but torch for the pairwise distances of precision/recall, which run on the GPU when there is one), reference
+batches, the command line.
 """
 
 import argparse
