@@ -1484,5 +1484,5 @@ def test_gpu_inception_and_precision_recall_match_cpu(inception):
     for a, b in zip(cpu, gpu):
         assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < 1e-4  # TF32 off: float32 as on the CPU
     g = np.load(f"{TESTDATA}/adm_evaluator_stats.npz")
-    assert evaluate.precision_recall(g["ref_pool"], g["sample_pool"], device="cuda") == \
-        evaluate.precision_recall(g["ref_pool"], g["sample_pool"])
+    pr = evaluate.precision_recall(g["ref_pool"], g["sample_pool"], device="cuda")
+    assert np.abs(np.array(pr) - g["prec_recall"]).max() <= 0.005
