@@ -711,7 +711,8 @@ def load_vae(path, config=None):
 
 
 # ===============================================================================================
-# Supporting cast 2: the DINOv2 teacher for REPA (ViT-S/B/L/14 weights of the official DINOv2 release).
+# Supporting cast 2: the DINOv2 teacher for REPA (ViT-S/B/L/14 weights of the official DINOv2 release), also
+# the network of FD_DINOv2 in evaluate.py (ViT-L/14, with the hub's position-embedding rule).
 # Parameter names follow facebookresearch/dinov2, so `dinov2_vit{s,b,l}14_pretrain.pth` loads with strict=True.
 # Inference only: no drop path, no masking (mask_token is kept only because the file has it).
 
@@ -777,9 +778,16 @@ class DinoPatchEmbed(nn.Module):  # a module of its own only to keep the release
 
 
 class DINOv2(nn.Module):
-    def __init__(self, embed_dim, depth, patch_size=14, num_heads=None, mlp_ratio=4, pos_grid=37):
+    """DINOv2 ViT/14. `pos_rule` is how the 37x37 position table is resampled to another token grid:
+    "repa" (bicubic with antialiasing to the exact grid size: the REPA teacher, the golden tensors) or "hub"
+    (the official hub models' default, bicubic with scale factor (grid + 0.1) / 37 and no antialiasing:
+    FD_DINOv2 as EDM2 computes it)."""
+
+    def __init__(self, embed_dim, depth, patch_size=14, num_heads=None, mlp_ratio=4, pos_grid=37, pos_rule="repa"):
         super().__init__()
-        self.embed_dim, self.patch_size, self.pos_grid = embed_dim, patch_size, pos_grid
+        if pos_rule not in ("repa", "hub"):
+            raise ValueError(f"pos_rule must be 'repa' or 'hub', not {pos_rule!r}")
+        self.embed_dim, self.patch_size, self.pos_grid, self.pos_rule = embed_dim, patch_size, pos_grid, pos_rule
         num_heads = num_heads or embed_dim // 64  # head dim 64 in every released size
         self.patch_embed = DinoPatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -789,39 +797,53 @@ class DINOv2(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._pos_cache = {}  # (h, w, device, dtype) -> (1, 1+h*w, D); not in the state dict; the table is frozen
 
-    def pos_embed_for(self, h, w, dtype):
-        """The 37x37 table resampled to an h x w token grid, as DINOv2's interpolate_pos_encoding does."""
-        key = (h, w, self.pos_embed.device, dtype)
+    def pos_embed_for(self, h, w):
+        """The 37x37 table resampled to an h x w token grid by `pos_rule`, as DINOv2's interpolate_pos_encoding
+        does; in the table's dtype (float32 unless the model was cast), computed in float32."""
+        key = (h, w, self.pos_embed.device, self.pos_embed.dtype)
         if key not in self._pos_cache:
             M = self.pos_grid
             pos = self.pos_embed.detach().float()  # (1, 1+M*M, D)
             if (h, w) != (M, M):
                 grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
-                # DINOv2's `interpolate_offset=0` branch (output size, not the +0.1 scale-factor kludge), antialiased
-                grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)  # (1, D, h, w)
+                if self.pos_rule == "repa":  # DINOv2's `interpolate_offset=0` branch (output size), antialiased
+                    grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)  # (1, D, h, w)
+                else:  # the hub default `interpolate_offset=0.1`: the scale factor sets the sampling positions
+                    grid = F.interpolate(grid, scale_factor=((h + 0.1) / M, (w + 0.1) / M), mode="bicubic")
                 pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)  # (1, 1+h*w, D)
-            self._pos_cache[key] = pos.to(dtype)
+            self._pos_cache[key] = pos.to(self.pos_embed.dtype)
         return self._pos_cache[key]
 
     @torch.no_grad()
+    def tokens(self, x):
+        """Normalized pixels (B, 3, H, W), H and W multiples of the patch size -> final-normed tokens
+        (B, 1 + h*w, D), the class token first. Under autocast the token stream stays float32 as in the
+        official model: the float32 class token promotes the concatenation, the position table is float32,
+        and each residual adds a float32 LayerScale product."""
+        B = x.shape[0]
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = self.patch_embed(x)  # (B, h*w, D), bf16 under autocast
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1+h*w, D), promoted to the table's dtype
+        x = x + self.pos_embed_for(h, w)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    @torch.no_grad()
     def forward(self, images):
-        """images (B, 3, H, W) in [0, 1] -> final-normed patch tokens (B, N, D), N = (224H/256/14)(224W/256/14)."""
-        B, _, H, W = images.shape
+        """REPA's teacher: images (B, 3, H, W) in [0, 1] -> final-normed patch tokens (B, N, D),
+        N = (224H/256/14)(224W/256/14)."""
+        H, W = images.shape[-2:]
         mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         x = (images - mean) / std  # REPA normalizes first, then resizes
         x = F.interpolate(x, size=(224 * H // 256, 224 * W // 256), mode="bicubic", align_corners=False)
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        x = self.patch_embed(x)  # (B, h*w, D)
-        x = torch.cat([self.cls_token.to(x.dtype).expand(B, -1, -1), x], dim=1)  # (B, 1+h*w, D)
-        x = x + self.pos_embed_for(h, w, x.dtype)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)[:, 1:]  # (B, h*w, D), class token dropped
+        return self.tokens(x)[:, 1:]  # (B, h*w, D), class token dropped
 
 
-def load_dino(path):
-    """Load an official DINOv2 ViT-{S,B,L}/14 state dict (e.g. dinov2_vitb14_pretrain.pth): float32, eval, frozen."""
+def load_dino(path, pos_rule="repa"):
+    """Load an official DINOv2 ViT-{S,B,L}/14 state dict (e.g. dinov2_vitb14_pretrain.pth): float32, eval, frozen.
+    `pos_rule`: "repa" for the REPA teacher, "hub" for FD_DINOv2 (see DINOv2)."""
     try:
         sd = load_checkpoint(path)
     except FileNotFoundError:
@@ -834,7 +856,7 @@ def load_dino(path):
         raise NotImplementedError(f"{path} is a SwiGLU DINOv2 (ViT-g/14); only ViT-S/B/L/14 are supported")
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     model = DINOv2(sd["cls_token"].shape[-1], depth, patch_size=sd["patch_embed.proj.weight"].shape[-1],
-                   pos_grid=math.isqrt(sd["pos_embed"].shape[1] - 1) if "pos_embed" in sd else 37)
+                   pos_grid=math.isqrt(sd["pos_embed"].shape[1] - 1) if "pos_embed" in sd else 37, pos_rule=pos_rule)
     missing, unexpected = model.state_dict().keys() - sd.keys(), sd.keys() - model.state_dict().keys()
     if missing or unexpected:
         raise ValueError(f"{path} does not match DINOv2 ViT/14 (depth {depth}): missing {sorted(missing)[:5]}, "

@@ -23,6 +23,7 @@ from PIL import Image
 
 import bench
 import ddt
+import evaluate
 import prepare_latents
 import sample
 import train
@@ -345,11 +346,11 @@ def test_dino_golden_parity(dino, golden_dino):
 
 
 def test_dino_pos_embed_cache(dino):
-    a = dino.pos_embed_for(8, 8, torch.float32)
-    assert dino.pos_embed_for(8, 8, torch.float32) is a
+    a = dino.pos_embed_for(8, 8)
+    assert dino.pos_embed_for(8, 8) is a and a.dtype == torch.float32
     assert a.shape == (1, 1 + 64, dino.embed_dim)
     assert torch.equal(a[:, 0], dino.pos_embed[:, 0])  # class token's embedding kept as is
-    full = dino.pos_embed_for(37, 37, torch.float32)  # native grid: no resampling
+    full = dino.pos_embed_for(37, 37)  # native grid: no resampling
     assert torch.equal(full, dino.pos_embed)
 
 
@@ -1449,3 +1450,352 @@ def test_gpu_resumes_a_cpu_checkpoint_with_fused_adamw(tmp_path):
     train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "4", "--precision", "fp32"])  # fused
     ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["optimizer"]["param_groups"][0]["fused"]
+
+
+# =============================================================================================
+# evaluate.py (issue 11): the ADM evaluator's metrics and FD_DINOv2
+
+
+def random_inception_state_dict(seed=0):
+    """Seeded random weights for the Inception network that keep its activations O(1); the same function made
+    testdata/inception_torch_fidelity_io.pt."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in evaluate.InceptionV3().state_dict().items():
+        if k.endswith("conv.weight"):  # He init keeps the activations O(1) through the ReLUs
+            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith(("bn.weight", "bn.running_var")):
+            sd[k] = 1 + 0.1 * torch.rand(v.shape, generator=g)
+        elif k.endswith(("bn.bias", "bn.running_mean")):
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+        elif k.startswith("fc."):
+            sd[k] = torch.randn(v.shape, generator=g) / 2048 ** 0.5
+    return sd
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """torch-fidelity's layout: the converted weights only, no num_batches_tracked."""
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(random_inception_state_dict(0), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def inception(inception_file):
+    return evaluate.load_inception(inception_file)
+
+
+def random_images(n, h, w=None, seed=0):
+    """Smooth-ish uint8 images (N, H, W, 3): a gradient plus noise, different per image."""
+    rng = np.random.default_rng(seed)
+    w = w or h
+    base = np.linspace(0, 255, h * w).reshape(1, h, w, 1) * rng.uniform(0.2, 1, (n, 1, 1, 3))
+    return np.clip(base + rng.normal(0, 50, (n, h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def test_inception_both_layouts_load_strict(tmp_path, inception_file, inception):
+    # pytorch-fid's file is a torchvision Inception3 state dict: the same names plus num_batches_tracked
+    sd = random_inception_state_dict(0)
+    torchvision_sd = {**sd, **{k.replace("running_mean", "num_batches_tracked"): torch.tensor(0)
+                               for k in sd if k.endswith("running_mean")}}
+    torch.save(torchvision_sd, tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    other = evaluate.load_inception(str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
+    assert not other.training and all(not p.requires_grad for p in other.parameters())
+    images = random_images(2, 24)
+    for a, b in zip(evaluate.inception_features(inception, images), evaluate.inception_features(other, images)):
+        assert np.array_equal(a, b)
+    # anything else: a clear error naming the file and the keys
+    for bad, match in (({k: v for k, v in sd.items() if k != "fc.weight"}, "missing.*fc.weight"),
+                       ({**sd, "AuxLogits.fc.weight": torch.zeros(1)}, "unexpected.*AuxLogits"),
+                       ({**sd, "fc.weight": torch.zeros(1000, 2048)}, "shapes.*fc.weight"),
+                       ([torch.zeros(1)], "not a state dict")):
+        torch.save(bad, tmp_path / "bad.pth")
+        with pytest.raises(ValueError, match=match) as e:
+            evaluate.load_inception(str(tmp_path / "bad.pth"))
+        assert "bad.pth" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05"):
+        evaluate.load_inception(str(tmp_path / "nope.pth"))
+
+
+def test_inception_matches_torch_fidelity(inception):
+    g = torch.load(f"{TESTDATA}/inception_torch_fidelity_io.pt", weights_only=True)
+    for name in ("square", "wide"):  # 32 x 32 and 20 x 45 images, resized to 299 x 299
+        pool, spatial, logits = evaluate.inception_features(inception, g[f"{name}_images"].numpy(), batch_size=2)
+        assert pool.shape == (len(pool), 2048) and spatial.shape == (len(pool), 2023) and logits.shape[1] == 1008
+        assert rel_err(torch.from_numpy(pool), g[f"{name}_pool"]) < 1e-4
+        assert rel_err(torch.from_numpy(logits), g[f"{name}_logits"]) < 1e-4
+
+
+def test_inception_spatial_is_mixed_6d_1x1_in_tf_order(inception):
+    seen = []
+    handle = inception.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            _, spatial, _ = inception(torch.from_numpy(random_images(2, 16)).permute(0, 3, 1, 2))
+    finally:
+        handle.remove()
+    conv = seen[0]  # (B, 192, 17, 17), after batch norm and ReLU
+    assert conv.shape == (2, 192, 17, 17)
+    assert torch.equal(spatial.view(2, 17, 17, 7), conv[:, :7].permute(0, 2, 3, 1))  # (row, column, channel)
+
+
+def test_resize_is_tf1_bilinear():
+    x = torch.tensor([[0.0, 10.0], [20.0, 30.0]]).view(1, 1, 2, 2)
+    # source coordinates i * 2 / 3 = 0, 2/3, 4/3; the last clamps to the edge pixel
+    expected = torch.tensor([[0, 20 / 3, 10], [40 / 3, 20, 70 / 3], [20, 80 / 3, 30]])
+    assert torch.allclose(evaluate.resize_bilinear_tf1(x, 3)[0, 0], expected, atol=1e-5)
+    assert not torch.allclose(F.interpolate(x, size=(3, 3), mode="bilinear")[0, 0], expected, atol=0.1)
+    x = torch.arange(8.0).view(1, 1, 2, 4)  # non-square: columns read at 0, 4/3, 8/3
+    assert torch.allclose(evaluate.resize_bilinear_tf1(x, 3)[0, 0, 0], torch.tensor([0, 4 / 3, 8 / 3]), atol=1e-5)
+    x = torch.rand(2, 3, 5, 5)
+    assert torch.equal(evaluate.resize_bilinear_tf1(x, 5), x)
+
+
+def test_frechet_distance_closed_form_and_float64_reference():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    s1, s2 = rng.uniform(0.1, 2, 6), rng.uniform(0.1, 2, 6)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()  # diagonal covariances
+    assert abs(evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) / expected - 1) < 1e-12
+    # full covariances against tr sqrtm(s1 s2) from the eigenvalues of the (non-symmetric) product itself
+    a, b = rng.normal(size=(40, 40)), rng.normal(size=(40, 40))
+    c1, c2 = a @ a.T / 40, b @ b.T / 40 + 0.1 * np.eye(40)
+    m1, m2 = rng.normal(size=40), rng.normal(size=40)
+    tr = np.sqrt(np.linalg.eigvals(c1 @ c2).astype(complex)).real.sum()
+    ref = (m1 - m2) @ (m1 - m2) + np.trace(c1) + np.trace(c2) - 2 * tr
+    assert abs(evaluate.frechet_distance(m1, c1, m2, c2) / ref - 1) < 1e-9
+    assert abs(evaluate.frechet_distance(m1, c1, m1, c1)) < 1e-9 * np.trace(c1)
+    with pytest.raises(ValueError, match="Imaginary component"):  # not a covariance: sqrtm is complex, as in ADM
+        evaluate.frechet_distance(mu1[:2], np.eye(2), mu2[:2], np.diag([1.0, -0.01]))
+    with pytest.raises(ValueError, match="not finite"):
+        evaluate.frechet_distance(mu1, np.diag(s1), mu2 * np.nan, np.diag(s2))
+    with pytest.raises(ValueError, match="different sizes"):
+        evaluate.frechet_distance(mu1, np.diag(s1), mu2[:5], np.diag(s2[:5]))
+
+
+def test_statistics_match_adm_evaluator():
+    g = np.load(f"{TESTDATA}/adm_evaluator_stats.npz")  # ADM's own functions on these features (see its note)
+
+    def fid(a, b):
+        return evaluate.frechet_distance(*evaluate.feature_statistics(g[a]), *evaluate.feature_statistics(g[b]))
+    assert abs(fid("sample_pool", "ref_pool") / g["fid"] - 1) < 1e-6
+    assert abs(fid("sample_spatial", "ref_spatial") / g["sfid"] - 1) < 1e-6
+    assert abs(evaluate.inception_score(g["sample_logits"], split_size=100) / g["is_split100"] - 1) < 1e-6
+    assert abs(evaluate.inception_score(g["sample_logits"]) / g["is_split5000"] - 1) < 1e-6
+    for key, scale, block in (("prec_recall", 1, 10000), ("prec_recall_block100", 1, 100), ("prec_recall_big", 60, 10000)):
+        pr = evaluate.precision_recall(scale * g["ref_pool"], scale * g["sample_pool"], block=block)
+        assert np.abs(np.array(pr) - g[key]).max() <= 0.005, key
+
+
+def test_inception_score_known_answers():
+    onehot = 50 * np.eye(10, dtype=np.float32)  # confident predictions
+    assert abs(evaluate.inception_score(np.tile(onehot, (3, 1))) - 10) < 1e-3  # 10 classes, evenly: IS = 10
+    assert abs(evaluate.inception_score(np.tile(onehot[:1], (30, 1))) - 1) < 1e-6  # one class: IS = 1
+    assert abs(evaluate.inception_score(np.zeros((30, 10), np.float32)) - 1) < 1e-6  # uniform p(y|x): IS = 1
+    # splits of 10 images, each split holding 5 classes evenly: IS = 5 (over all 20 images at once it is 10)
+    logits = np.concatenate([np.tile(onehot[:5], (2, 1)), np.tile(onehot[5:], (2, 1))])
+    assert abs(evaluate.inception_score(logits, split_size=10) - 5) < 1e-3
+    assert abs(evaluate.inception_score(logits) - 10) < 1e-3
+
+
+def test_pairwise_distances_float16_and_float32_fallback():
+    rng = np.random.default_rng(0)
+    u, v = torch.from_numpy(rng.normal(size=(5, 8))).float(), torch.from_numpy(rng.normal(size=(4, 8))).float()
+    exact = torch.cdist(u.double(), v.double()) ** 2
+    d = evaluate.pairwise_distances(u, v)
+    assert d.dtype == torch.float32 and torch.equal(d, d.half().float())  # float16 values
+    assert 1e-5 < (d - exact).abs().max() < 0.02  # float16 rounding, not float32
+    d = evaluate.pairwise_distances(300 * u, 300 * v)  # squared norms past float16's 65504: the float32 path
+    assert torch.isfinite(d).all() and ((d - 9e4 * exact).abs() / (9e4 * exact)).max() < 1e-4
+
+
+def test_precision_recall_known_answers():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 8, size=(40, 4)).astype(np.float32)  # small integers: exact in float16
+    assert evaluate.precision_recall(ref, ref) == (1.0, 1.0)
+    assert evaluate.precision_recall(ref, ref + 1000) == (0.0, 0.0)
+    # 30 reference points plus 10 far away: precision 30/40
+    samples = np.concatenate([ref[:30], ref[:10] + 1000])
+    assert evaluate.precision_recall(ref, samples)[0] == 0.75
+    # radii: the 3rd nearest neighbour other than the point itself, against a brute force
+    d = ((ref[:, None].astype(np.float64) - ref[None]) ** 2).sum(-1)
+    radii = evaluate.manifold_radii(torch.from_numpy(ref), k=3, block=16)
+    assert np.array_equal(radii.numpy(), np.sort(d, axis=1)[:, 3])
+
+
+def test_open_images_memmaps_arr_0(tmp_path):
+    images = random_images(3, 8, 6)
+    np.savez(tmp_path / "a.npz", arr_1=np.arange(3), arr_0=images)
+    loaded = evaluate.open_images(str(tmp_path / "a.npz"))
+    assert isinstance(loaded, np.memmap) and np.array_equal(loaded, images)
+    np.savez_compressed(tmp_path / "c.npz", arr_0=images)  # compressed: read whole
+    assert np.array_equal(evaluate.open_images(str(tmp_path / "c.npz")), images)
+
+
+def evaluate_cli(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, argv)])
+    evaluate.main()
+
+
+def test_cli_end_to_end(tmp_path, monkeypatch, capsys, inception_file, inception):
+    ref, samples = random_images(5, 24, seed=1), random_images(4, 24, seed=2)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    np.savez(tmp_path / "samples.npz", arr_0=samples, arr_1=np.zeros(4, dtype=np.int64))
+    calls = []  # frechet_distance's arguments and results (tested on its own above; 2048-d eigh are slow here)
+    frechet = evaluate.frechet_distance
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a: calls.append((a, frechet(*a))) or calls[-1][1])
+    evaluate_cli(monkeypatch, tmp_path / "ref.npz", tmp_path / "samples.npz", "--inception", inception_file,
+                 "--batch-size", 3, "--json", tmp_path / "m.json")
+    out = capsys.readouterr()
+    names = [line.split(":")[0] for line in out.out.splitlines() if ": " in line]
+    assert names == ["Inception Score", "FID", "sFID", "Precision", "Recall"]  # ADM's order
+    assert "fewer than one Inception Score split" in out.err
+    got = json.load(open(tmp_path / "m.json"))
+    # the same features and statistics from the Python API: samples first, as ADM calls it
+    r, s = evaluate.inception_features(inception, ref), evaluate.inception_features(inception, samples)
+    assert got["Inception Score"] == evaluate.inception_score(s[2])
+    for (args, value), key, i in zip(calls, ("FID", "sFID"), (0, 1)):
+        expected = evaluate.feature_statistics(s[i]) + evaluate.feature_statistics(r[i])
+        assert all(np.array_equal(a, b) for a, b in zip(args, expected)) and got[key] == value
+    assert [got["Precision"], got["Recall"]] == list(evaluate.precision_recall(r[0], s[0]))
+    assert got["FID"] > 0 and got["sFID"] > 0 and 1 <= got["Inception Score"]
+
+
+def test_center_crop_is_prepare_latents_one():
+    im = Image.fromarray(random_images(1, 70, 50)[0])
+    for size in (16, 24, 32):
+        assert np.array_equal(evaluate.center_crop_arr(im, size), center_crop_arr(im, size))
+
+
+def test_make_ref_round_trip(tmp_path, monkeypatch, capsys, inception_file, inception):
+    folder = tmp_path / "val" / "class_a"
+    folder.mkdir(parents=True)
+    full = random_images(5, 30, 40, seed=3)
+    for i, im in enumerate(full):
+        Image.fromarray(im).save(folder / f"{i:02d}.png")
+    evaluate_cli(monkeypatch, "--make-ref", tmp_path / "val", "--out", tmp_path / "ref.npz", "--inception",
+                 inception_file, "--resolution", 24, "--num-images", 4, "--seed", 1)
+    crops = np.stack([center_crop_arr(Image.fromarray(im), 24) for im in full])
+    with np.load(tmp_path / "ref.npz") as f:
+        ref = dict(f)
+    keep = np.sort(np.random.default_rng(1).choice(5, 4, replace=False))
+    assert np.array_equal(ref["arr_0"], crops[keep])  # a seeded subset, in order
+    pool, spatial, _ = evaluate.inception_features(inception, crops)  # statistics over all 5 images
+    for (mu, sigma), key in ((evaluate.feature_statistics(pool), ""), (evaluate.feature_statistics(spatial), "_s")):
+        assert np.allclose(ref["mu" + key], mu, rtol=1e-5) and np.allclose(ref["sigma" + key], sigma, rtol=1e-4, atol=1e-7)
+    # evaluating all 5 crops against it: the stored statistics are used, so FID and sFID are 0 up to rounding
+    # (~1e-5 of the trace: 5 images make a rank-4 covariance in 2048 dimensions, whose ~2000 zero eigenvalues
+    # come out as rounding noise and then go through a square root; with more images than features it is at rounding level)
+    np.savez(tmp_path / "all.npz", arr_0=crops)
+    evaluate_cli(monkeypatch, tmp_path / "ref.npz", tmp_path / "all.npz", "--inception", inception_file,
+                 "--json", tmp_path / "m.json")
+    got = json.load(open(tmp_path / "m.json"))
+    assert abs(got["FID"]) < 1e-4 * np.trace(ref["sigma"]) and abs(got["sFID"]) < 1e-4 * np.trace(ref["sigma_s"])
+    # a prepare_latents.py dataset with --images: its valid images only
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "images.npy", np.concatenate([crops, crops[:1] * 0]))
+    np.save(data / "valid.npy", np.array([True] * 5 + [False]))
+    evaluate_cli(monkeypatch, "--make-ref", data, "--out", tmp_path / "ref2.npz", "--inception", inception_file,
+                 "--num-images", 4, "--seed", 1)
+    with np.load(tmp_path / "ref2.npz") as f:
+        assert np.array_equal(f["arr_0"], crops[keep]) and np.allclose(f["mu"], ref["mu"], rtol=1e-5)
+
+
+def test_cli_bad_inputs(tmp_path, monkeypatch, inception_file):
+    good = random_images(4, 16)
+    np.savez(tmp_path / "ref.npz", arr_0=good)
+    np.savez(tmp_path / "noarr.npz", images=good)
+    np.savez(tmp_path / "small.npz", arr_0=good[:, :8, :8])
+    np.savez(tmp_path / "mu_only.npz", arr_0=good, mu=np.zeros(2048), sigma=np.eye(2))  # checked before use
+    np.savez(tmp_path / "same.npz", arr_0=np.repeat(good[:1], 4, axis=0))
+    np.savez(tmp_path / "three.npz", arr_0=good[:3])
+    np.savez(tmp_path / "float.npz", arr_0=good.astype(np.float32))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    sd = random_inception_state_dict(0)
+    sd["Conv2d_1a_3x3.bn.running_mean"][0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    cases = [(("ref.npz", "noarr.npz"), "noarr.npz has no arr_0"),
+             (("ref.npz", "small.npz"), "small.npz holds 8x8 images.*16x16"),
+             (("ref.npz", "float.npz"), "float.npz: arr_0 is float32"),
+             (("ref.npz", "junk.npz"), "junk.npz is not a readable .npz"),
+             (("ref.npz", "missing.npz"), "missing.npz: no such file"),
+             (("mu_only.npz", "ref.npz"), "mu_only.npz has mu, sigma but not mu_s, sigma_s"),
+             (("ref.npz", "same.npz"), "all 4 images of .*same.npz give the same Inception features"),
+             (("ref.npz", "three.npz"), "three.npz has 3 images"),
+             (("ref.npz", "ref.npz", "nan.pth"), "Inception features of .*ref.npz are not finite")]
+    for files, match in cases:
+        weights = str(tmp_path / files[2]) if len(files) > 2 else inception_file
+        with pytest.raises(SystemExit, match=match):
+            evaluate_cli(monkeypatch, tmp_path / files[0], tmp_path / files[1], "--inception", weights)
+    with pytest.raises(SystemExit, match="nope.pth: no such file"):
+        evaluate_cli(monkeypatch, tmp_path / "ref.npz", tmp_path / "ref.npz", "--inception", tmp_path / "nope.pth")
+    with pytest.raises(SystemExit, match="no images"):
+        (tmp_path / "empty").mkdir()
+        evaluate_cli(monkeypatch, "--make-ref", tmp_path / "empty", "--out", tmp_path / "r.npz", "--inception",
+                     inception_file)
+
+
+def test_dino_hub_rule_and_fd_features_match_official():
+    g = torch.load(f"{TESTDATA}/dinov2_tiny_fd_io.pt", weights_only=True)  # official DINOv2 + EDM2 (its note)
+    hub = load_dino(DINO_WEIGHTS, pos_rule="hub")
+    assert rel_err(torch.from_numpy(evaluate.dino_features(hub, g["images"].numpy(), batch_size=2)), g["features"]) < 1e-5
+    repa = load_dino(DINO_WEIGHTS)  # REPA's rule: another position table at a 16 x 16 grid
+    assert not torch.allclose(repa.pos_embed_for(16, 16), hub.pos_embed_for(16, 16), atol=1e-3)
+    assert torch.equal(repa.pos_embed_for(37, 37), hub.pos_embed_for(37, 37))  # the native grid: no resampling
+    with pytest.raises(ValueError, match="pos_rule='hub'"):
+        evaluate.dino_features(repa, g["images"].numpy())
+    with pytest.raises(ValueError, match="pos_rule"):
+        DINOv2(128, 1, pos_rule="antialias")
+
+
+def test_dino_token_stream_float32_under_autocast(dino):
+    # as the official model: the float32 class token and position table keep the residual stream in float32
+    dtypes = []
+    handle = dino.blocks[0].register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = dino.tokens(torch.randn(1, 3, 112, 112))
+    finally:
+        handle.remove()
+    assert dtypes == [torch.float32] and tokens.dtype == torch.float32
+
+
+def test_cli_fd_dinov2(tmp_path, monkeypatch, capsys, inception_file):
+    frechet = evaluate.frechet_distance  # FID and sFID are tested above: skip their 2048-d eigh here, keep FD_DINOv2's
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a: 0.0 if len(a[0]) > 128 else frechet(*a))
+    ref, samples = random_images(5, 24, seed=1), random_images(4, 24, seed=2)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    evaluate_cli(monkeypatch, tmp_path / "ref.npz", tmp_path / "samples.npz", "--inception", inception_file,
+                 "--dino", DINO_WEIGHTS, "--json", tmp_path / "m.json")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FD_DINOv2: ")  # after ADM's five
+    hub = load_dino(DINO_WEIGHTS, pos_rule="hub")
+    expected = frechet(*evaluate.feature_statistics(evaluate.dino_features(hub, samples)),
+                       *evaluate.feature_statistics(evaluate.dino_features(hub, ref)))
+    assert json.load(open(tmp_path / "m.json"))["FD_DINOv2"] == pytest.approx(expected, rel=1e-9)
+    # --make-ref --dino stores the DINOv2 statistics; evaluating against it uses them
+    evaluate_cli(monkeypatch, "--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "ref_d.npz", "--inception",
+                 inception_file, "--dino", DINO_WEIGHTS)
+    with np.load(tmp_path / "ref_d.npz") as f:
+        assert f["mu_dinov2"].shape == (128,) and f["sigma_dinov2"].shape == (128, 128)
+        assert np.array_equal(f["arr_0"], ref)  # 5 images, fewer than --num-images: all kept
+    evaluate_cli(monkeypatch, tmp_path / "ref_d.npz", tmp_path / "samples.npz", "--inception", inception_file,
+                 "--dino", DINO_WEIGHTS, "--json", tmp_path / "m2.json")
+    assert json.load(open(tmp_path / "m2.json"))["FD_DINOv2"] == pytest.approx(expected, rel=1e-6)
+
+
+@cuda
+def test_gpu_inception_and_precision_recall_match_cpu(inception):
+    images = random_images(4, 32)
+    cpu = evaluate.inception_features(inception, images)
+    try:
+        gpu = evaluate.inception_features(inception.to("cuda"), images)
+    finally:
+        inception.to("cpu")  # the fixture is shared with the other tests
+    for a, b in zip(cpu, gpu):
+        assert rel_err(torch.from_numpy(b), torch.from_numpy(a)) < 1e-4  # TF32 off: float32 as on the CPU
+    g = np.load(f"{TESTDATA}/adm_evaluator_stats.npz")
+    pr = evaluate.precision_recall(g["ref_pool"], g["sample_pool"], device="cuda")
+    assert np.abs(np.array(pr) - g["prec_recall"]).max() <= 0.005

@@ -1,0 +1,591 @@
+"""
+The ADM evaluator's metrics (openai/guided-diffusion `evaluations/evaluator.py`: Inception Score, FID, sFID,
+precision, recall) in plain torch and numpy, and FD_DINOv2 as EDM2 computes it. No TensorFlow and no download
+at run time: the InceptionV3 of TensorFlow's 2015-12-05 graph loads from the converted weights that
+torch-fidelity and pytorch-fid publish.
+
+    python evaluate.py VIRTUAL_imagenet256_labeled.npz samples.npz --inception weights-inception-2015-12-05-6726825d.pth
+    python evaluate.py ref.npz samples.npz --inception W --dino dinov2_vitl14_pretrain.pth --json metrics.json
+    # a reference batch of your own data: an image folder (ADM centre crop) or a prepare_latents.py --images dataset
+    python evaluate.py --make-ref /data/val --out ref.npz --inception W --resolution 256 --num-images 10000
+
+An .npz holds `arr_0`, uint8 images (N, H, W, 3) (sample.py --npz writes it). A reference batch may also hold
+`mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (spatial) statistics, used instead of its images' when present as
+ADM does, and `mu_dinov2`, `sigma_dinov2`. The file reads like the evaluator it replaces: the Inception network
+(bottom-up), feature extraction, the statistics (small functions, each naming the ADM function it equals: numpy,
+but torch for the pairwise distances of precision/recall, which run on the GPU when there is one), reference
+batches, the command line.
+"""
+
+import argparse
+import json
+import os
+import struct
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import ddt
+
+# -----------------------------------------------------------------------------------------------
+# InceptionV3 of TF's 2015-12-05 graph (the one ADM, TTUR and every FID table use). Parameter names are
+# torchvision's Inception3 names, which both converted weight files use. It differs from torchvision's network
+# in three places: the TF1 input resize, average pools that ignore the zero padding, a max pool in Mixed_7c.
+
+
+def resize_bilinear_tf1(x, size):
+    """TF1's ResizeBilinear (align_corners=False, no half-pixel centres), which the graph applies to its input:
+    output pixel i reads input coordinate i * in / out (F.interpolate reads (i + 0.5) * in / out - 0.5), between
+    floor and floor + 1 (clamped to the last pixel), linearly weighted. x (B, C, H, W) float32 -> (B, C, size, size)."""
+    def axis(n_in):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size)  # float32 as TF
+        lo = src.long()  # floor: src >= 0
+        return lo, (lo + 1).clamp(max=n_in - 1), src - lo
+    (y0, y1, dy), (x0, x1, dx) = axis(x.shape[-2]), axis(x.shape[-1])
+    top, bottom = x[:, :, y0], x[:, :, y1]  # (B, C, size, W)
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * dx
+    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * dx  # (B, C, size, size)
+    return top + (bottom - top) * dy[:, None]
+
+
+class BasicConv2d(nn.Module):
+    """Convolution without bias, batch norm (TF's eps 1e-3), ReLU: every layer of the graph."""
+
+    def __init__(self, c_in, c_out, **conv):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, bias=False, **conv)
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool_3x3(x):  # TF's average pool leaves the zero padding out of the mean (torchvision's counts it)
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # Mixed_5b-d, 35 x 35: 1x1 | 1x1, 5x5 | 1x1, 3x3, 3x3 | avg pool, 1x1
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool_3x3(x))], dim=1)  # (B, 224 + pool_features, 35, 35)
+
+
+class InceptionB(nn.Module):  # Mixed_6a, 35 -> 17: 3x3 stride 2 | 1x1, 3x3, 3x3 stride 2 | max pool
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], dim=1)  # (B, 768, 17, 17)
+
+
+class InceptionC(nn.Module):  # Mixed_6b-e, 17 x 17: 1x1 | 1x1, 1x7, 7x1 | 1x1, 7x1, 1x7, 7x1, 1x7 | avg pool, 1x1
+    def __init__(self, c_in, c7):
+        super().__init__()
+        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        self.branch1x1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, **row)
+        self.branch7x7_3 = BasicConv2d(c7, 192, **col)
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, **row)
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, **col)
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, **row)
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        b = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                          self.branch7x7dbl_5(self.branch7x7dbl_4(b)),
+                          self.branch_pool(avg_pool_3x3(x))], dim=1)  # (B, 768, 17, 17), the 1x1 branch first
+
+
+class InceptionD(nn.Module):  # Mixed_7a, 17 -> 8: 1x1, 3x3 stride 2 | 1x1, 1x7, 7x1, 3x3 stride 2 | max pool
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)  # (B, 1280, 8, 8)
+
+
+class InceptionE(nn.Module):  # Mixed_7b-c, 8 x 8: 1x1 | 1x1, (1x3 & 3x1) | 1x1, 3x3, (1x3 & 3x1) | pool, 1x1
+    def __init__(self, c_in, pool):
+        super().__init__()
+        self.pool = pool  # "avg" in Mixed_7b; "max" in Mixed_7c, where the 2015 graph has a max pool
+        self.branch1x1 = BasicConv2d(c_in, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        p = avg_pool_3x3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a), self.branch3x3dbl_3a(b),
+                          self.branch3x3dbl_3b(b), self.branch_pool(p)], dim=1)  # (B, 2048, 8, 8)
+
+
+class InceptionV3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = InceptionD(768), InceptionE(1280, "avg"), InceptionE(2048, "max")
+        self.fc = nn.Linear(2048, 1008)  # the graph's 1008 classes; IS uses the weight only (ADM's unbiased logits)
+
+    def forward(self, images):
+        """uint8 images (B, 3, H, W), any size -> pool_3 (B, 2048), spatial (B, 2023), unbiased logits (B, 1008)."""
+        x = resize_bilinear_tf1(images.float(), 299)
+        x = (x - 128) / 128  # (B, 3, 299, 299) in [-1, 1]
+        x = self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))  # (B, 32, 147, 147)
+        x = F.max_pool2d(self.Conv2d_2b_3x3(x), 3, stride=2)  # (B, 64, 73, 73)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (B, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))  # (B, 768, 17, 17)
+        x = self.Mixed_6d(x)  # its first 192 channels are its 1x1 branch: TF's `mixed_6/conv:0`
+        spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # (B, 17 * 17 * 7) in TF's (row, column, channel) order
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x))))  # (B, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))  # (B, 2048): `pool_3:0`
+        return pool, spatial, pool @ self.fc.weight.T  # (B, 1008): `softmax/logits/MatMul`, before the bias
+
+
+def load_inception(path):
+    """The Inception network from torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` or pytorch-fid's
+    `pt_inception-2015-12-05-6726825d.pth`. Both are TF's 2015-12-05 weights under torchvision's Inception3
+    names; a torchvision state dict also carries BatchNorm's num_batches_tracked counters, which are accepted
+    and unused. Strict (every weight, no other key), weights_only; float32, eval, frozen."""
+    try:
+        sd = ddt.load_checkpoint(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--inception {path}: no such file; download torch-fidelity's "
+                                f"weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
+                                f"pt_inception-2015-12-05-6726825d.pth") from None
+    model = InceptionV3()
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith(".num_batches_tracked")}
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"--inception {path} is not a state dict of tensors (got {type(sd).__name__})")
+    sd = {k: v for k, v in sd.items() if not k.endswith(".num_batches_tracked")}
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    shapes = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"--inception {path} is not the InceptionV3 of TF's 2015-12-05 graph in torch-fidelity's or "
+                         f"pytorch-fid's layout: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+                         f"shapes {shapes[:4]} ({len(missing)}, {len(unexpected)}, {len(shapes)} in all)")
+    model.load_state_dict(sd, strict=True)  # BatchNorm fills in its own num_batches_tracked
+    return model.float().eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------------------------
+# feature extraction
+
+
+def batches(images, batch_size, device, desc):
+    """uint8 (N, H, W, 3) array (or memmap) -> (B, 3, H, W) uint8 tensors on `device`, with a tqdm bar in images/s."""
+    with tqdm(total=len(images), desc=desc, unit="img", file=sys.stderr) as bar:
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.array(images[i: i + batch_size])).to(device)  # a copy: memmaps are read-only
+            yield x.permute(0, 3, 1, 2)
+            bar.update(len(x))
+
+
+@torch.no_grad()
+def inception_features(model, images, batch_size=64):
+    """uint8 images (N, H, W, 3) -> (pool (N, 2048), spatial (N, 2023), logits (N, 1008)) float32 numpy, ADM's
+    compute_activations and the logits of its softmax graph. Float32 on the model's device, TF32 off as TF ran."""
+    device = next(model.parameters()).device
+    out = ([], [], [])
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for x in batches(images, batch_size, device, "Inception"):
+            for o, f in zip(out, model(x)):
+                o.append(f.cpu().numpy())
+    return tuple(np.concatenate(o) for o in out)
+
+
+@torch.no_grad()
+def dino_features(dino, images, batch_size=64):
+    """FD_DINOv2's features as EDM2 computes them (calculate_metrics.py, DINOv2Detector, resize_mode 'torch'):
+    uint8 images (N, H, W, 3) resized to 224 x 224 (bicubic, antialiased), / 255, ImageNet mean/std, then the
+    class token after the final norm -> float32 numpy (N, D). `dino`: ddt.load_dino(path, pos_rule="hub"), the
+    hub model's position-embedding rule."""
+    if dino.pos_rule != "hub":
+        raise ValueError("FD_DINOv2 needs the hub model's position embeddings: ddt.load_dino(path, pos_rule='hub')")
+    device = next(dino.parameters()).device
+    mean = torch.tensor(ddt.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(ddt.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    out = []
+    for x in batches(images, batch_size, device, "DINOv2"):
+        x = F.interpolate(x.float(), size=(224, 224), mode="bicubic", antialias=True)  # (B, 3, 224, 224) in 0..255
+        out.append(dino.tokens((x / 255 - mean) / std)[:, 0].float().cpu().numpy())  # (B, D)
+    return np.concatenate(out)
+
+
+# -----------------------------------------------------------------------------------------------
+# the statistics, as ADM computes them
+
+
+def feature_statistics(features):
+    """ADM's compute_statistics: np.mean and np.cov (rows are samples) of the float32 features. As in ADM the
+    mean stays float32 (numpy's pairwise summation) and the covariance is float64; a float64 mean moves FID by
+    ~1e-7 relative, against ~1e-8 from ADM's own numbers this way (testdata/adm_evaluator_stats.npz)."""
+    features = np.asarray(features, dtype=np.float32)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """ADM's FIDStatistics.frechet_distance: |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr sqrtm(sigma1 sigma2).
+    The trace of the square root is the sum of the square roots of the eigenvalues of sigma1 sigma2, taken here
+    from the symmetric matrix sqrt(sigma1) sigma2 sqrt(sigma1) that has the same eigenvalues (two eigh calls,
+    not scipy's sqrtm). As ADM: if that fails, retry with eps added to both diagonals; an eigenvalue below zero
+    by more than (1e-3)^2 is ADM's "imaginary component" error, smaller ones are rounding and count as 0."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("the statistics are not finite (NaN or inf in mu or sigma)")
+    diff = mu1 - mu2
+    for offset in (0.0, eps):
+        try:
+            w, v = np.linalg.eigh(sigma1 + offset * np.eye(len(sigma1)))
+            root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # sqrt(sigma1): symmetric, PSD
+            ev = np.linalg.eigvalsh(root1 @ (sigma2 + offset * np.eye(len(sigma2))) @ root1)
+            break
+        except np.linalg.LinAlgError:
+            if offset:
+                raise ValueError("the square root of sigma1 sigma2 did not converge, even with eps on the diagonals")
+            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+    if ev.min() < -1e-6:
+        raise ValueError(f"Imaginary component {np.sqrt(-ev.min())}")
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+
+
+def inception_score(logits, split_size=5000):
+    """ADM's compute_inception_score: softmax of the unbiased logits in float32 (as TF), then per split of
+    `split_size` images exp(mean KL(p(y|x) || p(y))), averaged over the splits (a last, partial split counts
+    as one, as in ADM)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    preds = e / e.sum(axis=1, keepdims=True)
+    scores = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i in range(0, len(preds), split_size):
+            part = preds[i: i + split_size]
+            kl = part * (np.log(part) - np.log(np.mean(part, 0, keepdims=True)))
+            scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    score = float(np.mean(scores))
+    if not np.isfinite(score):
+        raise ValueError("the Inception Score is not finite: a class probability is 0 in float32 (extreme logits)")
+    return score
+
+
+def pairwise_distances(U, V):
+    """ADM's DistanceBlock: squared distances max(|u|^2 - 2 u.v + |v|^2, 0) between the rows of U (n, D) and
+    V (m, D), computed in float16 (every operation rounded to float16, sums and products accumulated in float32
+    as GPU kernels do), or in float32 where the float16 block is not finite. -> float32 (n, m)."""
+    def f16(t):
+        return t.half().float()
+    u, v = f16(U), f16(V)
+    d = f16(f16(f16(f16(u * u).sum(1, keepdim=True)) - f16(2 * f16(u @ v.T))) + f16(f16(v * v).sum(1)))
+    if not torch.isfinite(d).all():
+        d = (U * U).sum(1, keepdim=True) - 2 * U @ V.T + (V * V).sum(1)
+    return d.clamp(min=0)
+
+
+def manifold_radii(features, k=3, block=10000):
+    """ADM's ManifoldEstimator.manifold_radii: each row's squared distance to its k-th nearest neighbour other
+    than itself, i.e. the (k+1)-th smallest in its row of distances. features (N, D) tensor -> (N,)."""
+    radii = []
+    for i in range(0, len(features), block):
+        near = []  # the k + 1 nearest of each column block: a block's worth of memory, not a row of N
+        for j in range(0, len(features), block):
+            d = pairwise_distances(features[i: i + block], features[j: j + block])  # (block, block)
+            near.append(d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values)
+        radii.append(torch.cat(near, dim=1).kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def precision_recall(ref_pool, sample_pool, k=3, block=10000, device="cpu"):
+    """ADM's compute_prec_recall (ManifoldEstimator.evaluate_pr; Kynkaanniemi et al. 2019): precision is the
+    fraction of samples within the k-NN radius of some reference image, recall the fraction of reference
+    images within the k-NN radius of some sample. Distances in blocks of `block` x `block` as ADM, so the
+    float16/float32 choice of each block is ADM's too."""
+    ref = torch.as_tensor(np.asarray(ref_pool, dtype=np.float32), device=device)
+    smp = torch.as_tensor(np.asarray(sample_pool, dtype=np.float32), device=device)
+    r_ref, r_smp = manifold_radii(ref, k, block), manifold_radii(smp, k, block)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    smp_in = torch.zeros(len(smp), dtype=torch.bool, device=device)
+    for i in range(0, len(ref), block):
+        for j in range(0, len(smp), block):
+            d = pairwise_distances(ref[i: i + block], smp[j: j + block])  # (refs, samples)
+            smp_in[j: j + block] |= (d <= r_ref[i: i + block, None]).any(dim=0)
+            ref_in[i: i + block] |= (d <= r_smp[None, j: j + block]).any(dim=1)
+    return smp_in.double().mean().item(), ref_in.double().mean().item()
+
+
+# -----------------------------------------------------------------------------------------------
+# .npz files and reference batches
+
+REF_STATS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+def open_images(path):
+    """`arr_0` of an .npz, uint8 (N, H, W, 3), without reading it into memory: np.savez stores its arrays
+    uncompressed, so arr_0 is memory-mapped where it lies in the zip (a compressed one is read whole)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("arr_0.npy")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                header_len = f.tell()
+        if info.compress_type == zipfile.ZIP_STORED and not fortran:
+            with open(path, "rb") as f:  # the data start after the zip's local header (30 bytes, name, extra field)
+                f.seek(info.header_offset + 26)
+                name_len, extra_len = struct.unpack("<HH", f.read(4))
+            offset = info.header_offset + 30 + name_len + extra_len + header_len
+            images = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        else:
+            images = np.load(path)["arr_0"]
+    except KeyError:
+        raise ValueError(f"{path} has no arr_0: expected an ADM-style .npz with the images in arr_0 "
+                         f"(sample.py --npz writes one)") from None
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: arr_0 is {images.dtype} {images.shape}, expected uint8 images (N, H, W, 3)")
+    return images
+
+
+def read_stats(path, keys):
+    """The stored statistics `keys` of an .npz (ADM's read_statistics), or None when it has none of them."""
+    with np.load(path) as f:
+        have = [k for k in keys if k in f.files]
+        if have and len(have) < len(keys):
+            raise ValueError(f"{path} has {', '.join(have)} but not {', '.join(k for k in keys if k not in have)}: "
+                             f"a reference batch holds all of {', '.join(keys)} or none (remake it with --make-ref)")
+        return [f[k] for k in keys] if have else None
+
+
+def check_features(features, path, what):
+    """A clear error instead of a NaN metric: at least k + 1 = 4 images, finite and not all the same features."""
+    n = len(features)
+    if n < 4:
+        raise ValueError(f"{path} has {n} images: the metrics need at least 4 (precision/recall use 3 neighbours)")
+    if not np.isfinite(features).all():
+        raise ValueError(f"{what} features of {path} are not finite (NaN or inf): are the weights right?")
+    if np.ptp(features, axis=0).max() == 0:
+        raise ValueError(f"all {n} images of {path} give the same {what} features (identical images?): "
+                         f"a covariance needs varied images")
+
+
+def evaluate(ref_path, sample_path, inception, dino=None, batch_size=64, device="cpu"):
+    """ADM's main(): the metrics of the samples against the reference batch, in ADM's order, then FD_DINOv2
+    with `dino`. -> dict of floats."""
+    ref_images, sample_images = open_images(ref_path), open_images(sample_path)
+    if ref_images.shape[1:] != sample_images.shape[1:]:
+        raise ValueError(f"{sample_path} holds {sample_images.shape[1]}x{sample_images.shape[2]} images, the reference "
+                         f"{ref_path} {ref_images.shape[1]}x{ref_images.shape[2]}: compare samples at the "
+                         f"reference's resolution")
+    if len(sample_images) < 5000:
+        print(f"note: {sample_path} has {len(sample_images)} images, fewer than one Inception Score split (5000): "
+              f"the IS is over all of them, not comparable with 50K results", file=sys.stderr)
+    acts, stats = {}, {}
+    for name, path, images in (("reference", ref_path, ref_images), ("sample", sample_path, sample_images)):
+        print(f"computing {name} batch activations...")
+        acts[name] = inception_features(inception, images, batch_size)
+        check_features(acts[name][0], path, "Inception")
+        stored = read_stats(path, REF_STATS)
+        stats[name] = ((stored[0], stored[1]), (stored[2], stored[3])) if stored else \
+            (feature_statistics(acts[name][0]), feature_statistics(acts[name][1]))
+    print("computing evaluations...")
+    prec, rec = precision_recall(acts["reference"][0], acts["sample"][0], device=device)
+    results = {"Inception Score": inception_score(acts["sample"][2]),
+               "FID": frechet_distance(*stats["sample"][0], *stats["reference"][0]),
+               "sFID": frechet_distance(*stats["sample"][1], *stats["reference"][1]),
+               "Precision": prec, "Recall": rec}
+    if dino is not None:
+        ref_stats = read_stats(ref_path, ("mu_dinov2", "sigma_dinov2"))
+        if ref_stats is None:
+            ref_feats = dino_features(dino, ref_images, batch_size)
+            check_features(ref_feats, ref_path, "DINOv2")
+            ref_stats = feature_statistics(ref_feats)
+        sample_feats = dino_features(dino, sample_images, batch_size)
+        check_features(sample_feats, sample_path, "DINOv2")
+        results["FD_DINOv2"] = frechet_distance(*feature_statistics(sample_feats), *ref_stats)
+    return results
+
+
+# the ADM/DiT centre crop, the same as prepare_latents.center_crop_arr (evaluate.py imports ddt.py only)
+def center_crop_arr(pil_image, image_size):
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+class FolderImages:
+    """The images under a folder (any depth, sorted paths), centre-cropped to `resolution` when sliced:
+    an array-like uint8 (N, R, R, 3) that reads files only as they are needed."""
+
+    EXTS = (".jpeg", ".jpg", ".png", ".webp", ".bmp")
+
+    def __init__(self, root, resolution):
+        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs
+                            if f.lower().endswith(self.EXTS) and not f.startswith("."))
+        self.resolution = resolution
+        if not self.files:
+            raise ValueError(f"--make-ref {root}: no images ({', '.join(self.EXTS)}) in the folder")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        files = self.files[index] if isinstance(index, slice) else [self.files[i] for i in index]
+        out = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    out.append(center_crop_arr(im.convert("RGB"), self.resolution))
+            except OSError as e:
+                raise ValueError(f"--make-ref: cannot read {f} ({e}); remove it or fix it") from None
+        return np.stack(out)
+
+
+def make_ref(source, out, inception, dino=None, resolution=256, num_images=10000, seed=0, batch_size=64):
+    """A reference batch in ADM's layout for your own data: statistics over all images of `source` (mu, sigma,
+    mu_s, sigma_s; mu_dinov2, sigma_dinov2 with `dino`) and arr_0, a seeded subset of `num_images` of them
+    in their order (precision/recall use it). `source`: a dataset of prepare_latents.py made with --images
+    (its valid images), an .npz with arr_0, or an image folder (ADM centre crop to `resolution`)."""
+    if os.path.isfile(os.path.join(source, "images.npy")):  # a prepare_latents.py dataset
+        images = np.load(os.path.join(source, "images.npy"), mmap_mode="r")
+        rows = np.flatnonzero(np.load(os.path.join(source, "valid.npy")))  # an unreadable file left a zero row
+    else:
+        if os.path.isdir(source):
+            images = FolderImages(source, resolution)
+        elif source.endswith(".npz"):
+            images = open_images(source)
+        else:
+            raise ValueError(f"--make-ref {source}: expected an image folder, a prepare_latents.py dataset made "
+                             f"with --images, or an .npz with arr_0")
+        rows = np.arange(len(images))
+    pool, spatial, _ = (f[rows] for f in inception_features(inception, images, batch_size))
+    check_features(pool, source, "Inception")
+    arrays = dict(zip(REF_STATS, feature_statistics(pool) + feature_statistics(spatial)))
+    if dino is not None:
+        feats = dino_features(dino, images, batch_size)[rows]
+        check_features(feats, source, "DINOv2")
+        arrays["mu_dinov2"], arrays["sigma_dinov2"] = feature_statistics(feats)
+    keep = rows[np.sort(np.random.default_rng(seed).choice(len(rows), min(num_images, len(rows)), replace=False))]
+    arrays["arr_0"] = np.concatenate([images[keep[i: i + batch_size]] for i in range(0, len(keep), batch_size)])
+    with ddt.atomic_write(out) as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
+    return arrays
+
+
+# -----------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall (the ADM evaluator) and FD_DINOv2.")
+    p.add_argument("ref", nargs="?", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
+    p.add_argument("samples", nargs="?", help="samples .npz (arr_0 uint8 (N, H, W, 3), e.g. from sample.py --npz)")
+    p.add_argument("--inception", required=True, help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                                                      "or pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--dino", help="dinov2_vitl14_pretrain.pth: also compute FD_DINOv2")
+    p.add_argument("--batch-size", type=int, default=64, help="images per network call")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.add_argument("--make-ref", metavar="SOURCE", help="make a reference batch instead: an image folder, a "
+                                                         "prepare_latents.py dataset with --images, or an .npz")
+    p.add_argument("--out", help="the reference batch --make-ref writes")
+    p.add_argument("--resolution", type=int, default=256, help="--make-ref from a folder: centre-crop size")
+    p.add_argument("--num-images", type=int, default=10000, help="--make-ref: images kept in arr_0")
+    p.add_argument("--seed", type=int, default=0, help="--make-ref: seed of the arr_0 subset")
+    args = p.parse_args(argv)
+    if args.make_ref:
+        if args.ref or args.samples or not args.out:
+            p.error("--make-ref SOURCE takes --out REF.npz and no positional files")
+    elif not (args.ref and args.samples):
+        p.error("give REF.npz and SAMPLES.npz (or --make-ref SOURCE --out REF.npz)")
+    if args.out and not args.make_ref:
+        p.error("--out goes with --make-ref")
+    if min(args.batch_size, args.num_images, args.resolution) < 1:
+        p.error("--batch-size, --num-images and --resolution must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        inception = load_inception(args.inception).to(device)
+        dino = ddt.load_dino(args.dino, pos_rule="hub").to(device) if args.dino else None
+        if args.make_ref:
+            arrays = make_ref(args.make_ref, args.out, inception, dino, args.resolution, args.num_images, args.seed,
+                              args.batch_size)
+            stats = ", ".join(k for k in arrays if k != "arr_0")
+            print(f"wrote {args.out}: arr_0 {arrays['arr_0'].shape}, statistics {stats}")
+            return
+        results = evaluate(args.ref, args.samples, inception, dino, args.batch_size, device)
+    except (OSError, ValueError, NotImplementedError) as e:  # bad files: a message, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    for name, value in results.items():
+        print(f"{name}: {value}")
+    if args.json:
+        with ddt.atomic_write(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
