@@ -4,6 +4,8 @@ Benchmark a DDT training step and sampling, and compare with the released implem
     python bench.py                                        # CPU: the config (D 384, 8+4 blocks, batch 8)
     python bench.py --model DDT-XL/2 --batch-size 32 --image-size 32 --precision bf16 --compile   # one GPU
     python bench.py --model DDT-XL/2 --batch-size 64 --sample --num-steps 250 --encoder-steps 50 --precision bf16
+    python bench.py --sample --ckpt runs/toy/ckpt.pt --num-steps 100 --encoder-steps 10 25 50 --batch-size 32 \\
+        --cfg-scale 3.0 --sharing dp dp-velocity uniform    # sharing schedules side by side on a trained model
 
 A training step is forward, backward, AdamW and the EMA update, on random data of the right shape. With
 --compare (default on CPU) the same model is also timed with the released code's implementations of the
