@@ -4,6 +4,8 @@ Benchmark a DDT training step and sampling, and compare with the released implem
     python bench.py                                        # CPU: the issue's config (D 384, 8+4 blocks, batch 8)
     python bench.py --model DDT-XL/2 --batch-size 32 --image-size 32 --precision bf16 --compile   # one GPU
     python bench.py --model DDT-XL/2 --batch-size 64 --sample --num-steps 250 --encoder-steps 50 --precision bf16
+    python bench.py --sample --ckpt runs/toy/ckpt.pt --num-steps 100 --encoder-steps 10 25 50 --batch-size 32 \\
+        --cfg-scale 3.0 --sharing dp dp-velocity uniform    # sharing schedules side by side on a trained model
 
 A training step is forward, backward, AdamW and the EMA update, on random data of the right shape. With
 --compare (default on CPU) the same model is also timed with the released code's implementations of the
@@ -140,18 +142,22 @@ def time_sampling(model, batch, shape, device, precision, num_steps, encoder_ste
     return time.perf_counter() - t0
 
 
-def sharing_table(model, shape, device, precision, num_steps, ks, batch, cfg_scale):
-    """For each budget k: how far samples with encoder sharing land from unshared ones (same noise; relative
-    RMS difference), for the DP schedule and the uniform one, and the wall-clock speedup against the ideal:
-    the ratio of block evaluations, E * encoder images + D * decoder images (with guidance on an interval,
-    steps differ in batch size, so this is not always (E + D) N / (E k + D N))."""
+def sharing_table(model, shape, device, precision, num_steps, ks, batch, cfg_scale, schedules):
+    """For each budget k and each schedule in `schedules` (dp: the paper's cosine cost, dp-velocity: the
+    velocity error, uniform): how far samples with encoder sharing land from unshared ones on the same noise
+    (relative RMS difference over the batch, and of the worst image), both costs of the schedule, the
+    wall-clock speedup against the ideal (the ratio of block evaluations, E * encoder images + D * decoder
+    images: with guidance on an interval steps differ in batch size, so this is not always
+    (E + D) N / (E k + D N)), and the calibration time as a fraction of the unshared sampling of the batch.
+    The velocity cost column is measured with no cap on reuse (so any schedule has one); the dp-velocity
+    schedule comes from a matrix measured with reuse_cap(N, k), as sample.py measures it."""
     E, D, N = model.cfg.encoder_depth, model.cfg.decoder_depth, num_steps
     autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
     noise = sample.sample_noise(1000, range(batch), shape).to(device)  # not the calibration batch's noise
     y = torch.tensor([i * model.cfg.num_classes // batch for i in range(batch)], device=device)
     kw = dict(num_steps=N, cfg_scale=cfg_scale)
 
-    def run(steps, repeats=2):  # (samples, fastest of `repeats` runs after a warm-up, block evaluations)
+    def run(steps, repeats=3):  # (samples, fastest of `repeats` runs after a warm-up, block evaluations)
         times, stats = [], {}
         with autocast:
             sample.euler_sample(model, noise[:2], y[:2], num_steps=3)
@@ -164,17 +170,48 @@ def sharing_table(model, shape, device, precision, num_steps, ks, batch, cfg_sca
                 times.append(time.perf_counter() - t0)
         return x, min(times), E * stats["encoder_evals"] + D * stats["decoder_evals"]
 
+    def timed(fn, *a, **k):  # (result, seconds)
+        with autocast:
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn(model, N, shape, *a, device=device, cfg_scale=cfg_scale, **k)
+            sync(device)
+        return out, time.perf_counter() - t0
+
     ref, t_ref, work_ref = run(None)
-    with autocast:
-        cost = sample.measure_sharing_cost(model, N, shape, device=device, cfg_scale=cfg_scale)  # seed-0 batch
-    print(f"| K of {N} | schedule | reuse cost | deviation from unshared | speedup | ideal | of ideal |")
-    print("|---|---|---|---|---|---|---|")
+    cos, t_cos = timed(sample.measure_sharing_cost)  # seed-0 calibration batch
+    vel, t_vel = timed(sample.measure_velocity_cost)  # no cap: every schedule's velocity cost
+    rows, chosen = [], {}
     for k in ks:
-        for name, steps in (("DP", sample.solve_sharing(cost, k)), ("uniform", sample.uniform_schedule(N, k))):
+        t_ref = min(t_ref, run(None)[1])  # the unshared time too is the fastest of all its runs
+        plans = {"uniform": (sample.uniform_schedule(N, k), 0.0)}
+        if "dp" in schedules:
+            plans["dp"] = (sample.solve_sharing(cos, k), t_cos)
+        if "dp-velocity" in schedules:
+            capped, t_cap = timed(sample.measure_velocity_cost, max_reuse=sample.reuse_cap(N, k))
+            plans["dp-velocity"] = (sample.solve_sharing(capped, k), t_cap)
+            if plans["dp-velocity"][0] != sample.solve_sharing(vel, k):
+                print(f"(K = {k}: the cap of {sample.reuse_cap(N, k)} steps changed the dp-velocity schedule)")
+        for name in schedules:
+            steps, t_cal = plans[name]
             x, t, work = run(steps)
-            dev = ((x - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
-            print(f"| {k} | {name} | {sample.sharing_cost(cost, steps):.4f} | {dev:.4f} | {t_ref / t:.2f}x | "
-                  f"{work_ref / work:.2f}x | {t_ref / t / (work_ref / work):.0%} |")
+            err = (x - ref).pow(2).flatten(1).mean(1)  # (B,) per image
+            dev = (err.mean() / ref.pow(2).mean()).sqrt().item()
+            worst = (err / ref.pow(2).flatten(1).mean(1)).sqrt().max().item()
+            rows.append((k, name, sample.sharing_cost(cos, steps), sample.sharing_cost(vel, steps), dev, worst, t,
+                         work, t_cal))
+            chosen[k, name] = steps
+    print(f"unshared sampling of the batch: {t_ref:.2f}s; calibration (batch 8): cosine {t_cos:.2f}s "
+          f"({t_cos / t_ref:.2f}x), velocity without a cap {t_vel:.2f}s ({t_vel / t_ref:.2f}x)")
+    print(f"| K of {N} | schedule | cosine cost | velocity cost | deviation (RMS) | worst image | speedup | ideal "
+          f"| of ideal | calibration |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, name, c_cos, c_vel, dev, worst, t, work, t_cal in rows:
+        print(f"| {k} | {name} | {c_cos:.4f} | {c_vel:.4f} | {dev:.4f} | {worst:.4f} | {t_ref / t:.2f}x | "
+              f"{work_ref / work:.2f}x | {t_ref / t / (work_ref / work):.0%} | {t_cal / t_ref:.2f}x |")
+    for (k, name), steps in chosen.items():
+        if name != "uniform":
+            print(f"K = {k}, {name}: {steps}")
 
 
 def main():
@@ -192,13 +229,15 @@ def main():
     p.add_argument("--sample", action="store_true", help="time sampling instead of training")
     p.add_argument("--num-steps", type=int, default=250, help="sampling steps")
     p.add_argument("--encoder-steps", type=int, nargs="+", default=[50], help="encoder runs K when sharing")
-    p.add_argument("--ckpt", help="with --sample: a trained nanoDDT checkpoint; adds the DP-vs-uniform table")
+    p.add_argument("--ckpt", help="with --sample: a trained nanoDDT checkpoint; compares sharing schedules")
+    p.add_argument("--sharing", nargs="+", choices=("dp", "dp-velocity", "uniform"),
+                   default=["dp", "dp-velocity", "uniform"], help="with --ckpt: the schedules compared")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="with --ckpt: guidance scale")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if args.sample and args.ckpt:  # the DP-vs-uniform table on a trained model
+    if args.sample and args.ckpt:  # the sharing schedules side by side on a trained model
         try:
             ckpt = ddt.load_checkpoint(args.ckpt)
         except (OSError, ddt.CheckpointError) as e:
@@ -206,7 +245,7 @@ def main():
         model, shape = ddt.load_ddt(args.ckpt, ckpt=ckpt).to(device), tuple(ckpt["data"]["latent_shape"])
         print(f"{args.ckpt}: {asdict(model.cfg)}, latents {shape}, {precision}, batch {args.batch_size}")
         sharing_table(model, shape, device, precision, args.num_steps, args.encoder_steps, args.batch_size,
-                      args.cfg_scale)
+                      args.cfg_scale, list(dict.fromkeys(args.sharing)))
         return
     cfg = train.model_config(args, {"latent_shape": [args.channels, args.image_size, args.image_size],
                                     "num_classes": ddt.PRESETS[args.model].num_classes})

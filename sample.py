@@ -70,14 +70,16 @@ def plan_halves(guided, encoder_runs):
 
 @torch.no_grad()
 def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04,
-                 timeshift=1.0, encoder_steps=None, stats=None, record_z=None):
+                 timeshift=1.0, encoder_steps=None, stats=None, record_z=None, both_halves=False):
     """Integrate dx/dt = v(x, t) from noise (t = 0) to data (t = 1) with Euler steps; returns the final x.
 
     v = v_null + cfg_scale * (v_cond - v_null) at steps with interval_min < t < interval_max, the conditional
-    v elsewhere (where only the conditional half runs). `encoder_steps`: sorted step indices where the
-    encoder runs (None = all, must contain 0); the other steps reuse the latest z. Optional outputs:
-    `stats` gets "encoder_evals" / "decoder_evals" (images) added, `record_z` gets each computed z
-    (conditional half, float32, cpu) appended. The result equals running both halves at every step.
+    v elsewhere (where only the conditional half runs, unless `both_halves`: the unconditional half at every
+    step, as the released sampler runs it). `encoder_steps`: sorted step indices where the encoder runs
+    (None = all, must contain 0); the other steps reuse the latest z. Optional outputs: `stats` gets
+    "encoder_evals" / "decoder_evals" (images) added, `record_z` gets each computed z (float32, cpu; (B, N, D),
+    or (2B, N, D) conditional half first where both halves ran) appended. The result equals running both
+    halves at every step.
     """
     B = noise.shape[0]
     if encoder_steps is None:
@@ -92,7 +94,7 @@ def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.
     for i in encoder_steps:
         encoder_runs[i] = True
     guided = guided_steps(t[:num_steps], cfg_scale, cfg_interval)
-    both = plan_halves(guided, encoder_runs)
+    both = [True] * num_steps if both_halves else plan_halves(guided, encoder_runs)
     t = t.to(noise.device, noise.dtype)
     y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])  # (2B,) conditional half first, then null
     stats = {} if stats is None else stats
@@ -106,7 +108,7 @@ def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.
             z = z_i  # (n, N, D), reused until the next encoder step
             stats["encoder_evals"] = stats.get("encoder_evals", 0) + n
             if record_z is not None:
-                record_z.append(z_i[:B].detach().float().cpu())
+                record_z.append(z_i.detach().float().cpu())
         stats["decoder_evals"] = stats.get("decoder_evals", 0) + n
         if guided[i]:
             v_cond, v_null = v.chunk(2)
@@ -127,7 +129,8 @@ def solve_sharing(cost, k):
     A segment [a, b) served by the encoder run at step a costs seg[a, b] = sum_{i=a}^{b-1} cost[i, a]
     (column cumulative sums). F[m, b], the best cost of steps 0..b-1 with m runs, the last segment ending
     at b, obeys  F[1, b] = seg[0, b],  F[m, b] = min_{a < b} F[m-1, a] + seg[a, b];  the answer is F[k, N],
-    and back-tracking the minimizing a's gives R. Exact, O(k N^2) time.
+    and back-tracking the minimizing a's gives R. Exact, O(k N^2) time. Infinite entries (reuse that was not
+    measured) are never used; a ValueError says so if k runs cannot avoid them.
     """
     cost = np.asarray(cost.detach().cpu() if torch.is_tensor(cost) else cost, dtype=np.float64)
     N = cost.shape[0]
@@ -143,6 +146,8 @@ def solve_sharing(cost, k):
     for m in range(2, k + 1):
         total = F_[m - 1, :N, None] + seg  # (a, b)
         arg[m], F_[m] = total.argmin(axis=0), total.min(axis=0)
+    if F_[k, N] == math.inf:
+        raise ValueError(f"no schedule of {k} encoder steps avoids the infinite (unmeasured) entries of the cost")
     steps, b = [], N
     for m in range(k, 1, -1):
         b = int(arg[m, b])
@@ -170,21 +175,82 @@ def sample_noise(seed, indices, shape):
                         for i in indices])
 
 
+def calibration_batch(latent_shape, num_classes, batch_size, seed, device):
+    """The calibration batch both costs are measured on: (noise, labels spread over the classes)."""
+    y = torch.tensor([i * num_classes // batch_size for i in range(batch_size)], device=device)
+    return sample_noise(seed, range(batch_size), latent_shape).to(device), y
+
+
 def measure_sharing_cost(model, num_steps, latent_shape, num_classes=None, batch_size=8, seed=0, device=None,
                          **sampler_kwargs):
-    """(N, N) float64 cost[i, j] = 1 - cos(z_i, z_j), averaged over the images of a small seeded batch and
-    over tokens (cosine over D), from one sampling run with the encoder at every step."""
+    """The paper's proxy: (N, N) float64 cost[i, j] = 1 - cos(z_i, z_j), averaged over the tokens of both
+    guidance halves (conditional and unconditional, with or without guidance, as the released sharing_dp
+    averages them) of a small seeded batch, cosine over D, from one sampling run with the encoder and both
+    halves at every step. Symmetric, zero diagonal. Costs one unshared sampling run of 2 x batch_size images."""
     K = model.cfg.num_classes if num_classes is None else num_classes
     device = next(model.parameters()).device if device is None else device
-    y = torch.tensor([i * K // batch_size for i in range(batch_size)], device=device)  # spread over classes
-    zs = []  # num_steps x (B, tokens, D)
-    euler_sample(model, sample_noise(seed, range(batch_size), latent_shape).to(device), y, num_steps,
-                 encoder_steps=None, record_z=zs, **sampler_kwargs)
+    noise, y = calibration_batch(latent_shape, K, batch_size, seed, device)
+    zs = []  # num_steps x (2B, tokens, D)
+    euler_sample(model, noise, y, num_steps, encoder_steps=None, record_z=zs, both_halves=True, **sampler_kwargs)
     gram = torch.zeros(num_steps, num_steps, dtype=torch.float64)
-    for b in range(batch_size):  # one image at a time keeps the float64 copy small
+    for b in range(2 * batch_size):  # one image at a time keeps the float64 copy small
         zb = F.normalize(torch.stack([z[b] for z in zs]).double(), dim=-1).flatten(1)  # (num_steps, tokens * D)
         gram += zb @ zb.T
-    return (1.0 - gram / (batch_size * zs[0].shape[1])).numpy()
+    return (1.0 - gram / (2 * batch_size * zs[0].shape[1])).numpy()
+
+
+def reuse_cap(n, k):
+    """How far back --sharing dp-velocity measures reuse: 4x the uniform schedule's segment length (k
+    runs of at most ceil(n / k) steps always fit under it), at most n - 1 (no cap)."""
+    return min(n - 1, 4 * math.ceil(n / k))
+
+
+@torch.no_grad()
+def measure_velocity_cost(model, num_steps, latent_shape, num_classes=None, batch_size=8, seed=0, device=None,
+                          max_reuse=None, cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04, timeshift=1.0):
+    """An error-aware cost: (N, N) float64 cost[i, j], j <= i, the error that reusing z_j at step i puts
+    into the sample, on the calibration batch of measure_sharing_cost:
+
+        cost[i, j] = RMS((v_i(z_j) - v_i(z_i)) * (t_{i+1} - t_i)) / RMS(x_N)
+
+    v_i(z) the decoder's velocity at (x_i, t_i) of the unshared trajectory given z, guided as euler_sample
+    guides it (at a guided step both halves reuse their own z_j), RMS over the whole batch, x_N the unshared
+    sample. If every step's error reached the sample unchanged, the sum along a schedule would bound its
+    relative RMS deviation from the unshared sample (triangle inequality). Only i - j <= max_reuse
+    (None: all) is measured; farther entries are inf, so solve_sharing never reuses that far; j > i is 0.
+    Costs one unshared sampling run (2 x batch_size images where any step is guided) plus about
+    N * max_reuse decoder passes on as many images.
+    """
+    K = model.cfg.num_classes if num_classes is None else num_classes
+    device = next(model.parameters()).device if device is None else device
+    N, cap = num_steps, num_steps - 1 if max_reuse is None else max_reuse
+    x, y = calibration_batch(latent_shape, K, batch_size, seed, device)
+    B = x.shape[0]
+    t = timesteps(N, last_step, timeshift)
+    guided = guided_steps(t[:N], cfg_scale, cfg_interval)
+    t = t.to(device, x.dtype)
+    n = 2 * B if any(guided) else B  # the null half's z is needed at every step if any step is guided
+    y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])[:n]  # (n,) conditional half first
+    zs, err = [], torch.zeros(N, N, dtype=torch.float64)  # zs: the last cap + 1 z's, each (n, tokens, D)
+    per_call = max(1, 512 // n)  # z's per decoder call: batches of ~512 images
+    for i in range(N):
+        x_in = torch.cat([x, x]) if n == 2 * B else x  # (n, C, H, W)
+        zs = (zs + [model.encode(x_in, t[i].repeat(n), y2)])[-(cap + 1):]  # z_j for j = i - len + 1 .. i
+        h, v = n if guided[i] else B, []  # images the step's velocity needs: both halves only when guided
+        for s in range(0, len(zs), per_call):  # the decoder at (x_i, t_i) with each z_j, in a few calls
+            m = len(zs[s: s + per_call])
+            v.append(model.decode(x_in[:h].repeat(m, 1, 1, 1), t[i].repeat(m * h),
+                                  torch.cat([z[:h] for z in zs[s: s + per_call]])).float().unflatten(0, (m, h)))
+        v = torch.cat(v)  # (len(zs), h, C, H, W), the last one with z_i
+        if guided[i]:
+            v_cond, v_null = v.chunk(2, dim=1)
+            v = v_null + cfg_scale * (v_cond - v_null)  # (len(zs), B, C, H, W)
+        dt = t[i + 1] - t[i]
+        err[i, i - len(zs) + 1: i + 1] = ((v - v[-1]) * dt).pow(2).flatten(1).mean(1).sqrt().double().cpu()
+        x = x + v[-1] * dt
+    cost = err / x.float().pow(2).mean().sqrt().item()
+    cost[torch.arange(N)[:, None] - torch.arange(N)[None, :] > cap] = math.inf  # beyond the cap: not measured
+    return cost.numpy()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -236,28 +302,37 @@ def read_json(path):
 
 
 def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs):
-    """--encoder-steps K with --sharing uniform|dp; a DP schedule is cached as JSON next to the checkpoint."""
+    """--encoder-steps K with --sharing uniform|dp|dp-velocity: the DP on the paper's cosine cost
+    (measure_sharing_cost) or on the velocity error (measure_velocity_cost, reuse up to reuse_cap(N, K) steps
+    back). A DP schedule is cached as JSON next to the checkpoint, keyed by everything it depends on."""
     N = args.num_steps
     if k == N:
         return None
     if args.sharing == "uniform":
         return uniform_schedule(N, k)
-    key = json.dumps(dict(num_steps=N, k=k, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
-                          timeshift=args.timeshift, last_step=args.last_step, latent_shape=list(latent_shape),
-                          model=asdict(model.cfg), ckpt_bytes=os.path.getsize(args.ckpt),
-                          ckpt_mtime=os.path.getmtime(args.ckpt)))
+    velocity = args.sharing == "dp-velocity"
+    precision = str(autocast.fast_dtype).removeprefix("torch.") if isinstance(autocast, torch.autocast) else "float32"
+    key = json.dumps(dict(sharing=args.sharing, num_steps=N, k=k, cfg_scale=args.cfg_scale,
+                          cfg_interval=args.cfg_interval, timeshift=args.timeshift, last_step=args.last_step,
+                          latent_shape=list(latent_shape), precision=precision, device=device.type,
+                          max_reuse=reuse_cap(N, k) if velocity else None, model=asdict(model.cfg),
+                          ckpt_bytes=os.path.getsize(args.ckpt), ckpt_mtime=os.path.getmtime(args.ckpt)))
+    name = "DP on the velocity error" if velocity else "DP"
     paths = [os.path.join(d, os.path.basename(args.ckpt) + ".sharing.json") for d in cache_dirs]
     for path in paths:
         if key in (cache := read_json(path)):
-            print(f"encoder steps (DP, cached in {path}): {cache[key]['steps']}")
+            print(f"encoder steps ({name}, cached in {path}): {cache[key]['steps']}")
             return cache[key]["steps"]
+    kw = dict(device=device, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, last_step=args.last_step,
+              timeshift=args.timeshift)
     with autocast:
-        cost = measure_sharing_cost(model, N, latent_shape, device=device, cfg_scale=args.cfg_scale,
-                                    cfg_interval=args.cfg_interval, last_step=args.last_step,
-                                    timeshift=args.timeshift)
+        if velocity:
+            cost = measure_velocity_cost(model, N, latent_shape, max_reuse=reuse_cap(N, k), **kw)
+        else:
+            cost = measure_sharing_cost(model, N, latent_shape, **kw)
     steps = solve_sharing(cost, k)
     entry = dict(steps=steps, cost=sharing_cost(cost, steps), uniform_cost=sharing_cost(cost, uniform_schedule(N, k)))
-    print(f"encoder steps (DP, reuse cost {entry['cost']:.4f} vs uniform {entry['uniform_cost']:.4f}): {steps}")
+    print(f"encoder steps ({name}, reuse cost {entry['cost']:.4f} vs uniform {entry['uniform_cost']:.4f}): {steps}")
     for path in paths:  # next to the checkpoint, else next to the output
         try:
             cache = read_json(path)
@@ -309,7 +384,8 @@ def main(argv=None):
     p.add_argument("--last-step", type=float, default=0.04)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoder-steps", type=int, default=None, help="encoder runs K (default: every step)")
-    p.add_argument("--sharing", choices=["dp", "uniform"], default="dp", help="which K steps run the encoder")
+    p.add_argument("--sharing", choices=["dp", "dp-velocity", "uniform"], default="dp",
+                   help="which K steps run the encoder: DP on the paper's cosine cost, DP on the velocity error, even")
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--out", default=None, help="labelled grid image (default samples.png without --npz)")
     p.add_argument("--npz", default=None, help="ADM-evaluator .npz (arr_0 uint8 NHWC, arr_1 int64 labels)")

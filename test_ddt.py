@@ -3,6 +3,7 @@
     python -m pytest -q test_ddt.py
 """
 
+import argparse
 import itertools
 import json
 import math
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -1799,3 +1801,138 @@ def test_gpu_inception_and_precision_recall_match_cpu(inception):
     g = np.load(f"{TESTDATA}/adm_evaluator_stats.npz")
     pr = evaluate.precision_recall(g["ref_pool"], g["sample_pool"], device="cuda")
     assert np.abs(np.array(pr) - g["prec_recall"]).max() <= 0.005
+
+
+# =============================================================================================
+# issue 13: encoder sharing chosen by the error it causes (measure_velocity_cost, --sharing dp-velocity);
+# issue 12 item 7a (the cosine calibration over both guidance halves) and item 5 (the cache key)
+
+
+def calibration_run(model, N, B, w, interval, shape=(4, 8, 8)):
+    """The unshared sampler written out, both halves at every step: (x_i list, z_i list (2B, N, D), t, x_N)."""
+    noise, y = sample.calibration_batch(shape, model.cfg.num_classes, B, 0, torch.device("cpu"))
+    t = sample.timesteps(N)
+    y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])
+    x, xs, zs = noise, [], []
+    for i in range(N):
+        v, z = model(torch.cat([x, x]), t[i].repeat(2 * B), y2)
+        xs.append(x)
+        zs.append(z)
+        v_cond, v_null = v.chunk(2)
+        v = v_null + w * (v_cond - v_null) if interval[0] < t[i] < interval[1] else v_cond
+        x = x + v * (t[i + 1] - t[i])
+    return xs, zs, t, x
+
+
+def test_velocity_cost_against_direct_computation_and_cap():
+    model, N, B, w, interval = tiny_model(), 7, 3, 2.5, (0.3, 1.0)  # steps 0-2 unguided, 3-6 guided
+    with torch.no_grad():
+        xs, zs, t, x_N = calibration_run(model, N, B, w, interval)
+        direct = np.zeros((N, N))
+        for i in range(N):
+            def v_at(z):
+                v = model.decode(torch.cat([xs[i], xs[i]]), t[i].repeat(2 * B), z)
+                v_cond, v_null = v.chunk(2)
+                return v_null + w * (v_cond - v_null) if interval[0] < t[i] < interval[1] else v_cond
+            for j in range(i + 1):
+                direct[i, j] = ((v_at(zs[j]) - v_at(zs[i])) * (t[i + 1] - t[i])).pow(2).mean().sqrt() \
+                    / x_N.pow(2).mean().sqrt()
+    cost = sample.measure_velocity_cost(model, N, (4, 8, 8), batch_size=B, cfg_scale=w, cfg_interval=interval)
+    assert cost.shape == (N, N) and cost.dtype == np.float64
+    assert np.allclose(cost, direct, rtol=1e-4, atol=1e-7), np.abs(cost - direct).max()
+    assert direct[np.tril_indices(N, -1)].min() > 1e-4  # the comparison is not between zeros
+    assert np.all(np.triu(cost, 1) == 0) and np.allclose(np.diag(cost), 0, atol=1e-7)
+    # the cap: entries farther back than max_reuse are inf, the others as measured without it
+    capped = sample.measure_velocity_cost(model, N, (4, 8, 8), batch_size=B, cfg_scale=w, cfg_interval=interval,
+                                          max_reuse=2)
+    far = np.subtract.outer(np.arange(N), np.arange(N)) > 2
+    assert np.all(np.isinf(capped[far])) and np.allclose(capped[~far], cost[~far], rtol=1e-5, atol=1e-8)
+    for k in range(3, N + 1):  # the DP never reuses beyond the cap, and is the best schedule that does not
+        steps = sample.solve_sharing(capped, k)
+        assert max(np.diff(steps + [N])) <= 3 and np.isfinite(sample.sharing_cost(capped, steps))
+        best = min(sample.sharing_cost(capped, [0, *r]) for r in itertools.combinations(range(1, N), k - 1))
+        assert np.isclose(sample.sharing_cost(capped, steps), best, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="infinite"):
+        sample.solve_sharing(capped, 2)  # 2 runs cannot cover 7 steps with segments of at most 3
+    assert sample.reuse_cap(100, 10) == 40 and sample.reuse_cap(10, 2) == 9
+    for n, k in [(100, 10), (7, 3), (50, 25), (9, 1)]:  # the uniform schedule always fits under the cap
+        assert max(np.diff(sample.uniform_schedule(n, k) + [n])) - 1 <= sample.reuse_cap(n, k)
+
+
+def test_cosine_cost_averages_both_guidance_halves_as_released():
+    model, N, B = tiny_model(), 6, 2
+    with torch.no_grad():
+        model.y_embedder.embedding_table.weight.mul_(50)  # std 1: the halves' z differ clearly
+    record = []
+    sample.euler_sample(model, torch.randn(B, 4, 8, 8), torch.tensor([0, 1]), N, both_halves=True, record_z=record)
+    assert len(record) == N and all(z.shape == (2 * B, 16, 32) for z in record)
+    for w in (1.0, 3.0):  # without guidance too: the released sharing_dp always runs both halves
+        with torch.no_grad():
+            _, zs, _, _ = calibration_run(model, N, B, w, (0.3, 1.0))
+        zn = F.normalize(torch.stack(zs).double(), dim=-1)  # (N, 2B, tokens, D)
+        direct = 1 - torch.einsum("ibnd,jbnd->ij", zn, zn).numpy() / (2 * B * zn.shape[2])
+        cond_only = 1 - torch.einsum("ibnd,jbnd->ij", zn[:, :B], zn[:, :B]).numpy() / (B * zn.shape[2])
+        cost = sample.measure_sharing_cost(model, N, (4, 8, 8), batch_size=B, cfg_scale=w)
+        assert np.allclose(cost, direct, atol=1e-6)
+        assert np.abs(cost - cond_only).max() > 1e-3  # the test tells the halves apart
+
+
+def test_sharing_schedule_cache_key(tmp_path, monkeypatch, capsys):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    model = ddt.load_ddt(ckpt)
+    calls = []
+    for name in ("measure_sharing_cost", "measure_velocity_cost"):
+        real = getattr(sample, name)
+        monkeypatch.setattr(sample, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    args = argparse.Namespace(ckpt=ckpt, num_steps=6, cfg_scale=2.0, cfg_interval=[0.3, 1.0], timeshift=1.0,
+                              last_step=0.04, sharing="dp")
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    cpu = torch.device("cpu")
+
+    def schedule(sharing, autocast, device=cpu):
+        args.sharing = sharing
+        return sample.sharing_schedule(args, 3, model, (3, 8, 8), device, autocast, [str(tmp_path)])
+
+    fp32_dp = schedule("dp", nullcontext())
+    for sharing, autocast in [("dp", bf16), ("dp-velocity", nullcontext()), ("dp-velocity", bf16)]:
+        schedule(sharing, autocast)  # each a new entry: measured
+    assert calls == ["measure_sharing_cost", "measure_sharing_cost", "measure_velocity_cost", "measure_velocity_cost"]
+    capsys.readouterr()
+    assert schedule("dp", nullcontext()) == fp32_dp and len(calls) == 4 and "cached" in capsys.readouterr().out
+    keys = [json.loads(k) for k in json.load(open(ckpt + ".sharing.json"))]
+    assert sorted((k["sharing"], k["precision"], k["device"], k["max_reuse"]) for k in keys) == [
+        ("dp", "bfloat16", "cpu", None), ("dp", "float32", "cpu", None),
+        ("dp-velocity", "bfloat16", "cpu", 5), ("dp-velocity", "float32", "cpu", 5)]
+    monkeypatch.setattr(sample, "measure_sharing_cost", lambda *a, **k: np.zeros((6, 6)))  # no CUDA needed
+    schedule("dp", nullcontext(), torch.device("meta"))  # another device type: not the CPU's entry
+    assert len(json.load(open(ckpt + ".sharing.json"))) == 5
+
+
+def test_cli_sharing_dp_velocity_end_to_end(tmp_path, monkeypatch, capsys):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    args = ["--ckpt", ckpt, "--num-samples", 4, "--num-steps", 8, "--cfg-scale", 2.0, "--encoder-steps", 3,
+            "--sharing", "dp-velocity"]
+    cli(monkeypatch, *args, "--npz", tmp_path / "a.npz")
+    out = capsys.readouterr().out
+    assert "encoder steps (DP on the velocity error, reuse cost" in out
+    (entry,) = json.load(open(ckpt + ".sharing.json")).values()
+    model = ddt.load_ddt(ckpt)
+    cost = sample.measure_velocity_cost(model, 8, (3, 8, 8), cfg_scale=2.0, max_reuse=sample.reuse_cap(8, 3))
+    assert entry["steps"] == sample.solve_sharing(cost, 3) and len(entry["steps"]) == 3
+    assert np.isclose(entry["cost"], sample.sharing_cost(cost, entry["steps"]))
+    noise = sample.sample_noise(0, range(4), (3, 8, 8))
+    x = sample.euler_sample(model, noise, torch.tensor([0, 1, 2, 3]), 8, 2.0, encoder_steps=entry["steps"])
+    with np.load(tmp_path / "a.npz") as f:
+        assert np.abs(f["arr_0"].astype(int) - sample.to_uint8(x).astype(int)).max() <= 1
+    cli(monkeypatch, *args, "--npz", tmp_path / "b.npz")
+    assert "encoder steps (DP on the velocity error, cached" in capsys.readouterr().out
+
+
+def test_bench_sharing_table_compares_the_schedules(capsys):
+    bench.sharing_table(tiny_model(), (4, 8, 8), torch.device("cpu"), "fp32", 6, [2, 3], 2, 2.0,
+                        ["dp", "dp-velocity", "uniform"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")
+            or line.startswith("| 3 |")]
+    assert [r[1] for r in rows] == ["dp", "dp-velocity", "uniform"] * 2
+    for r in rows:
+        assert all(np.isfinite(float(v)) for v in r[2:6]) and float(r[4]) <= float(r[5]) + 1e-9  # RMS <= worst
