@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import ddt
+from prepare_latents import center_crop_arr  # the ADM/DiT centre crop: the reference is cropped as the training set
 
 # -----------------------------------------------------------------------------------------------
 # InceptionV3 of TF's 2015-12-05 graph (the one ADM, TTUR and every FID table use). Parameter names are
@@ -461,17 +462,6 @@ def evaluate(ref_path, sample_path, inception, dino=None, batch_size=64, device=
         check_features(sample_feats, sample_path, "DINOv2")
         results["FD_DINOv2"] = frechet_distance(*feature_statistics(sample_feats), *ref_stats)
     return results
-
-
-# the ADM/DiT centre crop, the same as prepare_latents.center_crop_arr (evaluate.py imports ddt.py only)
-def center_crop_arr(pil_image, image_size):
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return arr[top: top + image_size, left: left + image_size]
 
 
 class FolderImages:

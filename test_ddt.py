@@ -1664,12 +1664,6 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys, inception_file, inception
     assert got["FID"] > 0 and got["sFID"] > 0 and 1 <= got["Inception Score"]
 
 
-def test_center_crop_is_prepare_latents_one():
-    im = Image.fromarray(random_images(1, 70, 50)[0])
-    for size in (16, 24, 32):
-        assert np.array_equal(evaluate.center_crop_arr(im, size), center_crop_arr(im, size))
-
-
 def test_make_ref_round_trip(tmp_path, monkeypatch, capsys, inception_file, inception):
     folder = tmp_path / "val" / "class_a"
     folder.mkdir(parents=True)
