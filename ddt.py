@@ -898,6 +898,16 @@ def cleanup_dist():
         dist.destroy_process_group()
 
 
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank (the object itself without a process group). For what each rank would
+    otherwise read on its own, e.g. which files exist on a shared filesystem, whose view may lag on a node."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # preemption (SLURM --signal, torchrun), Ctrl-C
 EXIT_STOPPED = 75  # exit status after a stop by signal: EX_TEMPFAIL of sysexits.h, "try again later"
 

@@ -279,8 +279,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """ADM's FIDStatistics.frechet_distance: |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr sqrtm(sigma1 sigma2).
     The trace of the square root is the sum of the square roots of the eigenvalues of sigma1 sigma2, taken here
     from the symmetric matrix sqrt(sigma1) sigma2 sqrt(sigma1) that has the same eigenvalues (two eigh calls,
-    not scipy's sqrtm). As ADM: if that fails, retry with eps added to both diagonals; an eigenvalue below zero
-    by more than (1e-3)^2 is ADM's "imaginary component" error, smaller ones are rounding and count as 0."""
+    not scipy's sqrtm). Like ADM's retry (which it makes when sqrtm's result is not finite), a failed
+    eigendecomposition is retried with eps added to both diagonals; an eigenvalue below zero by more than
+    (1e-3)^2, the eigenvalue analogue of ADM's imaginary-part check (atol 1e-3), raises its "Imaginary component"
+    error, and smaller ones are rounding and count as 0."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:

@@ -268,8 +268,10 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
               f"{out}/.progress; rerun the same command to resume", flush=True)
         return SystemExit(ddt.EXIT_STOPPED)
 
-    todo = [c for c in range(math.ceil(N / cs)) if not os.path.exists(marker(c)) and not os.path.exists(part(c))]
-    barrier()  # every rank has listed the finished chunks before anyone marks new ones
+    # rank 0 lists the finished chunks for all ranks (a node's view of a shared filesystem may lag: one list, so
+    # every chunk has one owner), before any rank marks new ones
+    todo = ddt.from_rank0([c for c in range(math.ceil(N / cs)) if not os.path.exists(marker(c))
+                           and not os.path.exists(part(c))] if rank == 0 else None)
     mine = todo[rank::world_size]  # a fresh run: chunk c -> rank c % world_size
     ends = {c: min((c + 1) * cs, N) for c in mine}
     batches = [list(range(a, min(a + batch_size, ends[c]))) for c in mine for a in range(c * cs, ends[c], batch_size)]

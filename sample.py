@@ -458,18 +458,13 @@ def run(args, rank, world, device, received):
     if rank == 0:
         steps = sharing_schedule(args, k, model, latent_shape, device, autocast,
                                  [os.path.dirname(os.path.abspath(args.ckpt)), out_dir])
-    if world > 1:
-        steps = [steps]
-        dist.broadcast_object_list(steps, src=0)
-        steps = steps[0]
+    steps = ddt.from_rank0(steps)
 
     settings = dict(weights=digest, seed=args.seed, num_steps=args.num_steps, cfg=[args.cfg_scale] + args.cfg_interval,
                     timeshift=args.timeshift, last_step=args.last_step, encoder_steps=steps, bf16=bf16, vae=args.vae,
                     classes=classes, latent_shape=list(latent_shape), model=asdict(model.cfg))
-    tag = [hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]]  # parts of other settings never mix in
-    if world > 1:
-        dist.broadcast_object_list(tag, src=0)  # rank 0 decides: every rank names its parts alike
-    tag = tag[0]
+    tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # parts of other settings never mix in
+    tag = ddt.from_rank0(tag)  # rank 0 decides: every rank names its parts alike
     parts = os.path.splitext(args.npz)[0] + "_parts" if args.npz else None
     if parts:
         os.makedirs(parts, exist_ok=True)
@@ -482,9 +477,9 @@ def run(args, rank, world, device, received):
         return os.path.join(parts, f"{s:07d}_{e:07d}_{tag}.npz")
 
     chunks = [(s, min(s + args.batch_size, n)) for s in range(0, n, args.batch_size)]
-    todo = [c for c in chunks if not (parts and os.path.exists(part_path(*c)))]  # the rest: done by an earlier run
-    if world > 1:
-        dist.barrier()  # every rank has listed the finished parts before any rank writes new ones
+    # the rest were done by an earlier run; rank 0 lists them for all ranks (one list, so every batch has one
+    # owner and every rank makes the same number of rounds below), before any rank writes new parts
+    todo = ddt.from_rank0([c for c in chunks if not (parts and os.path.exists(part_path(*c)))] if rank == 0 else None)
     kept, stats, done, t0 = {}, {"encoder_evals": 0, "decoder_evals": 0}, 0, time.time()
     mine = todo[rank::world]
     for r in tqdm(range(math.ceil(len(todo) / world)), disable=rank != 0, desc=f"sampling on {world} rank(s)"):

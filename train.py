@@ -186,8 +186,9 @@ def lock_out_dir(out_dir):
         print(f"warning: cannot lock --out-dir {out_dir} ({e}; a filesystem without flock?): nothing stops a "
               f"second run from writing to the same folder")
         return None
-    for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")) + \
-            glob.glob(os.path.join(glob.escape(out_dir), "samples", "*.tmp*")):
+    d = glob.escape(out_dir)  # only train.py's own files: a sample.py reading this folder writes its own .tmp files
+    for tmp in glob.glob(os.path.join(d, "ckpt*.pt.tmp*")) + glob.glob(os.path.join(d, "log.jsonl.tmp*")) + \
+            glob.glob(os.path.join(d, "samples", "*.png.tmp*")):
         os.remove(tmp)  # the lock is ours: a temporary file of ddt.atomic_write here is a killed run's leftover
     return f
 
