@@ -30,6 +30,7 @@ distributed set-up and stop-on-signal helpers shared by the scripts.
 """
 
 import datetime
+import glob
 import json
 import math
 import os
@@ -338,6 +339,14 @@ def atomic_write(path, mode="wb"):
 def save_atomic(obj, path):
     with atomic_write(path) as f:
         torch.save(obj, f)
+
+
+def remove_stale_tmp(*patterns):
+    """Delete what atomic_write left of the files matching the glob `patterns` (their `.tmpPID` files): a killed
+    process's leftovers. Call it only where no live process is writing those files."""
+    for pattern in patterns:
+        for tmp in glob.glob(pattern + ".tmp*"):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, allow_pickle=False):

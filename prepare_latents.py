@@ -220,8 +220,7 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
     N, R, cs = len(dataset), settings["resolution"], settings["chunk_size"]
     state = check_out(out, settings, overwrite)
     if rank == 0 and state == "resume":  # chunk files a killed run was writing (no rank writes before the barrier)
-        for tmp in glob.glob(os.path.join(glob.escape(out), ".progress", "*.tmp*")):
-            os.remove(tmp)
+        ddt.remove_stale_tmp(os.path.join(glob.escape(out), ".progress", "*"))
     barrier()  # every rank has looked at --out before rank 0 changes it
     if state == "done":
         if rank == 0:
@@ -312,7 +311,8 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
     bar.close()
     if rank != 0:
         return
-    while not all(os.path.exists(marker(c)) for c in range(math.ceil(N / cs))):  # others at work; polling files,
+    missing = range(math.ceil(N / cs))  # the chunks not yet in the arrays, narrowed at each look
+    while missing := [c for c in missing if not os.path.exists(marker(c))]:  # others at work; polling files,
         copy_in_parts()  # not a barrier, so that uneven shares never hit a collective timeout
         if received:
             raise stopped()

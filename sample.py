@@ -468,10 +468,8 @@ def run(args, rank, world, device, received):
     parts = os.path.splitext(args.npz)[0] + "_parts" if args.npz else None
     if parts:
         os.makedirs(parts, exist_ok=True)
-        if rank == 0:  # what a killed run's atomic writes left (no rank writes before the barrier below)
-            for tmp in glob.glob(os.path.join(glob.escape(parts), "*.tmp*")) + \
-                    glob.glob(glob.escape(args.npz) + ".tmp*"):
-                os.remove(tmp)
+        if rank == 0:  # what a killed run's atomic writes left (no rank writes before rank 0's list below)
+            ddt.remove_stale_tmp(os.path.join(glob.escape(parts), "*"), glob.escape(args.npz))
 
     def part_path(s, e):
         return os.path.join(parts, f"{s:07d}_{e:07d}_{tag}.npz")

@@ -186,10 +186,9 @@ def lock_out_dir(out_dir):
         print(f"warning: cannot lock --out-dir {out_dir} ({e}; a filesystem without flock?): nothing stops a "
               f"second run from writing to the same folder")
         return None
-    d = glob.escape(out_dir)  # only train.py's own files: a sample.py reading this folder writes its own .tmp files
-    for tmp in glob.glob(os.path.join(d, "ckpt*.pt.tmp*")) + glob.glob(os.path.join(d, "log.jsonl.tmp*")) + \
-            glob.glob(os.path.join(d, "samples", "*.png.tmp*")):
-        os.remove(tmp)  # the lock is ours: a temporary file of ddt.atomic_write here is a killed run's leftover
+    d = glob.escape(out_dir)  # the lock is ours: leftovers of train.py's own files are a killed run's (not a
+    # sample.py's reading this folder, which writes its own)
+    ddt.remove_stale_tmp(os.path.join(d, "ckpt*.pt"), os.path.join(d, "log.jsonl"), os.path.join(d, "samples", "*.png"))
     return f
 
 
