@@ -353,6 +353,10 @@ def load_checkpoint(path, allow_pickle=False):
     """torch.load with weights_only=True and messages that say what went wrong. Memory-mapped (mmap=True):
     a tensor is read from the file (through the page cache, which the ranks of one host share) only when it
     is used, so what the caller never touches (a sampler's optimizer state) costs no memory."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "ckpt.pt")
+        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else " (a checkpoint is a file, e.g. RUN/ckpt.pt)"
+        raise FileNotFoundError(f"checkpoint '{path}' is a folder, not a file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     mmap = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; the legacy one cannot be mapped

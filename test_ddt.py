@@ -901,6 +901,8 @@ def test_cli_bad_input(tmp_path, monkeypatch):
         cli(monkeypatch, "--ckpt", released, "--model", "DDT-S/2", "--vae", VAE_TINY, "--num-steps", 4)
     with pytest.raises(SystemExit, match="does not exist"):
         cli(monkeypatch, "--ckpt", tmp_path / "missing.pt")
+    with pytest.raises(SystemExit, match="is a folder, not a file; did you mean .*ckpt.pt"):
+        cli(monkeypatch, "--ckpt", tmp_path)  # (the folder holds ckpt.pt)
     r = subprocess.run([sys.executable, "sample.py", "--ckpt", ckpt, "--classes", "9"], cwd=HERE,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "out of range" in r.stderr and "Traceback" not in r.stderr
@@ -1056,6 +1058,7 @@ def test_train_repa_with_golden_dino(tmp_path):
 def test_train_bad_input_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit, match="prepare_latents.py"):
         train.main(["--data", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "run"), *TRAIN_TINY])
+    assert not (tmp_path / "run").exists()  # nothing created for a run that cannot start
     data = make_dataset(tmp_path / "data", n=32, latent_shape=(4, 16, 16), resolution=128, images=True)
     with pytest.raises(SystemExit, match="--dino: .*nope.pth"):
         train.main(["--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--repa-layer", "1",

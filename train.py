@@ -41,17 +41,22 @@ import sample
 # data: the memmapped dataset written by prepare_latents.py
 
 
+def read_meta(data_dir, flag="--data"):
+    """The dataset's meta.json, or a message naming the folder and what to do."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"{flag} {data_dir}: no meta.json there; make the dataset with prepare_latents.py "
+                         f"(an interrupted prepare_latents run writes meta.json only when it finishes)")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
 class LatentBatches:
     """Batch s of a rank: a fixed permutation of the valid rows per epoch (seeded by the epoch), cut into
     global batches; the rank takes its interleaved share. Everything is a function of the step."""
 
     def __init__(self, data_dir, global_batch, rank, world, seed, need_images):
-        meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise SystemExit(f"--data {data_dir}: no meta.json there; make the dataset with prepare_latents.py "
-                             f"(an interrupted prepare_latents run writes meta.json only when it finishes)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = read_meta(data_dir)
         self.dir, self.batch, self.rank, self.world, self.seed = data_dir, global_batch, rank, world, seed
         self.valid = np.flatnonzero(np.load(os.path.join(data_dir, "valid.npy")))
         self.steps_per_epoch = len(self.valid) // global_batch
@@ -240,6 +245,7 @@ def model_config(args, meta):
 
 def main(argv=None):
     args = get_args(argv)
+    read_meta(args.data)  # a wrong --data is reported before --out-dir is created
     rank, local_rank, world, device = ddt.setup_dist()
     lock = None
     try:
