@@ -1263,13 +1263,18 @@ def test_sample_and_prepare_stop_on_sigterm_keeping_finished_work(tmp_path):
 @pytest.mark.parametrize("script", ["prepare_latents", "train", "sample"])
 def test_sigkill_at_random_moments_then_rerun_gives_the_same_output(script, tmp_path):
     """Killed with SIGKILL (nothing of the script runs) three times at random moments of its work, each rerun
-    resuming from what the previous one left; the final rerun's output equals an uninterrupted run's."""
+    resuming from what the previous one left; the final rerun's output equals an uninterrupted run's.
+    prepare_latents encodes the toy set in about a second, faster than any timer's moment can be placed, so its
+    moments are measured progress: the kill comes once a random number of chunks is finished (a later kill at a
+    larger number); train and sample are killed at a random fraction of an uninterrupted run's time."""
     rng = np.random.default_rng(["prepare_latents", "train", "sample"].index(script))  # reproducible moments
     if script == "prepare_latents":
-        started = "rank 0 of 1"  # the progress bar: encoding begins
+        started = None
+        num_chunks = 5000 // 100
+        marks = np.sort(rng.choice(np.arange(3, int(0.7 * num_chunks)), 3, replace=False))  # chunks done at each kill
 
         def cmd(out):
-            return ["prepare_latents.py", "--toy", "--out", out, "--chunk-size", 250, "--batch-size", 50]
+            return ["prepare_latents.py", "--toy", "--out", out, "--chunk-size", 100, "--batch-size", 25]
 
         def check(ref, cut):
             assert_same(ref, cut)
@@ -1296,24 +1301,34 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_same_output(script, tmp_
                 assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
             assert not os.path.exists(cut + "_parts")
 
-    def run_until(out, log, seconds=math.inf):  # the time the script worked, or None if it was killed
-        proc = start_script(log, *cmd(out))
-        wait_until(lambda: started in open(log).read(), proc)
-        t0 = time.time()
-        try:
-            proc.wait(timeout=None if seconds == math.inf else seconds)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # SIGKILL
-            proc.wait()
-            return None
+    def run(out, log, kill_now=None):
+        """Run the script to its end (the seconds it worked, from `started`), or SIGKILL it once kill_now(t0)
+        holds, t0 the moment `started` was printed (None before): then None."""
+        proc, t0 = start_script(log, *cmd(out)), None
+        while proc.poll() is None:
+            if t0 is None and started is not None and started in open(log).read():
+                t0 = time.time()
+            if kill_now is not None and kill_now(t0):
+                proc.kill()  # SIGKILL
+                proc.wait()
+                return None
+            time.sleep(0.005)
         assert proc.returncode == 0, open(log).read()
-        return time.time() - t0
+        return time.time() - (t0 or time.time())
+
+    def chunks_done(out, n):  # prepare_latents: kill once n chunks are finished
+        progress = os.path.join(out, ".progress")
+        return lambda t0: os.path.isdir(progress) and sum(f.endswith(".done") for f in os.listdir(progress)) >= n
+
+    def seconds_worked(seconds):  # train, sample: kill `seconds` after the work began
+        return lambda t0: t0 is not None and time.time() - t0 >= seconds
 
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-    work = run_until(ref, tmp_path / "log_ref")
-    killed = [run_until(cut, tmp_path / f"log{k}", rng.uniform(0.05, 0.35) * work) is None for k in range(3)]
+    work = run(ref, tmp_path / "log_ref")
+    killed = [run(cut, tmp_path / f"log{k}", chunks_done(cut, marks[k]) if started is None else
+                  seconds_worked(rng.uniform(0.05, 0.35) * work)) is None for k in range(3)]
     assert sum(killed) >= 2  # (one may finish first)
-    run_until(cut, tmp_path / "log_last")
+    run(cut, tmp_path / "log_last")
     check(ref, cut)
 
 
