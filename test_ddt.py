@@ -34,6 +34,9 @@ from ddt import (DDT, PRESETS, AutoencoderKL, CheckpointError, DDTConfig, DINOv2
 from prepare_latents import center_crop_arr, list_images, make_toy_images
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# torch.compile imports torch/utils/mkldnn.py (through inductor's fx passes), whose classes still use the deprecated
+# torch.jit.script_method: torch's own warning, 14 times a run, about nothing this project calls
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 TESTDATA = os.path.join(HERE, "testdata")
 TINY = DDTConfig(in_channels=4, patch_size=2, hidden_size=32, num_heads=2, encoder_depth=4, decoder_depth=2,
                  num_classes=10)  # the config of testdata/ddt_official_tiny.ckpt
