@@ -1252,7 +1252,7 @@ def test_sample_and_prepare_stop_on_sigterm_keeping_finished_work(tmp_path):
     proc.send_signal(signal.SIGINT)
     rc, out = finished(proc, tmp_path / "log2")
     assert rc == ddt.EXIT_STOPPED and "Traceback" not in out, out
-    assert "rank 0 stopped by SIGINT: the finished chunks are kept" in out
+    assert "stopped by SIGINT: the finished chunks are kept" in out
     done = os.listdir(progress)
     assert 2 <= len(done) < 50 and not (tmp_path / "toy" / "meta.json").exists()
 
@@ -1468,6 +1468,173 @@ def hold_lock(path):
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"
     return proc
+
+
+def start_ranks(tmp_path, name, driver, *args):
+    """Two ranks started by hand, as srun starts them (no torchrun to end the others when one exits): a list of
+    (process, log file)."""
+    import socket
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ranks = []
+    for r in range(2):
+        log = tmp_path / f"{name}{r}.log"
+        with open(log, "w") as f:
+            ranks.append((subprocess.Popen([sys.executable, str(driver), *map(str, args)], cwd=HERE, stdout=f,
+                                           stderr=subprocess.STDOUT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}),
+                          log))
+    return ranks
+
+
+def end_all(ranks):
+    for proc, _ in ranks:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def prepare_driver(tmp_path, patch=""):
+    """prepare_latents.main under a rank's own patches (`patch`, Python run first), writing OUT_pids/pidRANK."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import os, sys, time\nsys.path.insert(0, {HERE!r})\nimport prepare_latents\n"
+                      f"rank = os.environ['RANK']\n{patch}\n"
+                      f"open(os.path.join({str(tmp_path)!r}, 'pid' + rank), 'w').write(str(os.getpid()))\n"
+                      f"prepare_latents.main(sys.argv[1:])\n")
+    return driver
+
+
+def test_prepare_latents_a_rank_stopped_or_killed_ends_every_rank(tmp_path, monkeypatch):
+    # SIGUSR1 to rank 1 alone: both ranks stop after the same batch, with status 75 (rank 0 used to poll forever
+    # for rank 1's chunks); then rank 1 killed outright: rank 0 ends too; a rerun finishes what both left
+    slow = "encode = prepare_latents.encode_batch\n" \
+           "prepare_latents.encode_batch = lambda *a, **k: time.sleep(0.1) or encode(*a, **k)\n"
+    driver = prepare_driver(tmp_path, slow)
+    out, progress = tmp_path / "toy", tmp_path / "toy" / ".progress"
+    args = ["--toy", "--out", out, "--chunk-size", 100, "--batch-size", 50]
+    for name, sig in (("stop", signal.SIGUSR1), ("kill", signal.SIGKILL)):
+        for f in ("pid0", "pid1"):
+            (tmp_path / f).unlink(missing_ok=True)
+        before = len(os.listdir(progress)) if progress.exists() else 0
+        ranks = start_ranks(tmp_path, name, driver, *args)
+        try:
+            wait_until(lambda: (tmp_path / "pid1").exists() and progress.exists()
+                       and len(os.listdir(progress)) >= before + 2, ranks[0][0])
+            os.kill(int((tmp_path / "pid1").read_text()), sig)
+            (rc0, out0), (rc1, out1) = (finished(proc, log, timeout=60) for proc, log in ranks)
+        finally:
+            end_all(ranks)
+        if sig == signal.SIGUSR1:
+            assert rc0 == rc1 == ddt.EXIT_STOPPED and "Traceback" not in out0 + out1, out0 + out1
+            assert "stopped by SIGUSR1: the finished chunks are kept" in out0
+        else:
+            assert rc1 == -signal.SIGKILL and rc0 not in (0, ddt.EXIT_STOPPED), out0  # ended, not left waiting
+        assert not (out / "meta.json").exists() and len(os.listdir(progress)) < 50
+    run_prepare(monkeypatch, *args)  # one process resumes what the two ranks left
+    run_prepare(monkeypatch, *args[:2], tmp_path / "ref", *args[3:])
+    assert_same(tmp_path / "ref", out)
+
+
+def test_prepare_latents_rank_0_waits_for_other_ranks_chunks_a_bounded_time(tmp_path, monkeypatch):
+    # rank 0 of two, whose rank 1 wrote nothing: once the ranks are done (here: at once), rank 0 gives up after
+    # PART_WAIT naming the missing chunks (it used to poll until a signal came, here after 10 s)
+    monkeypatch.setattr(prepare_latents, "PART_WAIT", 0.5)
+    data = [(i, torch.full((8, 8, 3), i, dtype=torch.uint8), "") for i in range(8)]
+    settings = {"format_version": 1, "source": "test", "count": 8, "files_sha1": "", "vae": "none",
+                "vae_precision": "fp32", "resolution": 8, "flip": False, "images": False, "chunk_size": 2}
+    import threading
+    received = []
+    timer = threading.Timer(10, received.append, [signal.SIGTERM])
+    timer.start()
+    try:
+        with pytest.raises(SystemExit, match=r"chunk\(s\) \[1, 3\] of the other ranks are still not in .* 0.5 s after"):
+            prepare_latents.write_dataset(str(tmp_path / "out"), data, np.zeros(8, np.int64), ["a"], settings,
+                                          num_workers=0, rank=0, world_size=2, received=received)
+    finally:
+        timer.cancel()
+    assert not received
+
+
+def test_prepare_latents_ranks_follow_rank_0s_listing_and_decision(tmp_path, monkeypatch):
+    # rank 1's view of the filesystem lags: it misses one image and, later, the finished dataset's meta.json.
+    # Rank 0 lists and decides for both, so the result is one process's, and the rerun ends on both ranks.
+    make_folder(tmp_path / "data")
+    lag = "if rank == '1':\n" \
+          "    walk, exists = os.walk, os.path.exists\n" \
+          "    os.walk = lambda *a, **k: ((d, ds, [f for f in fs if f != 'a.png']) for d, ds, fs in walk(*a, **k))\n" \
+          "    os.path.exists = lambda p: not str(p).endswith('meta.json') and exists(p)\n"
+    driver = prepare_driver(tmp_path, lag)
+    args = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--images", "--chunk-size", 2,
+            "--batch-size", 2, "--num-workers", 0]
+    for name in ("first", "again"):
+        ranks = start_ranks(tmp_path, name, driver, *args, "--out", tmp_path / "two")
+        try:
+            results = [finished(proc, log, timeout=120) for proc, log in ranks]
+        finally:
+            end_all(ranks)
+        assert [rc for rc, _ in results] == [0, 0], results
+    assert "already holds this dataset, complete; nothing to do" in results[0][1]
+    run_prepare(monkeypatch, *args, "--out", tmp_path / "one")
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
+def test_prepare_latents_rerun_of_a_stopped_overwrite_resumes(tmp_path, monkeypatch, capsys):
+    # the stop message says "rerun the same command"; with --overwrite in it, the rerun used to start again
+    make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--chunk-size", 2, "--batch-size",
+            2, "--num-workers", 0, "--out", out, "--overwrite"]
+    run_prepare(monkeypatch, *args[:-3], "--out", tmp_path / "ref")
+    encode, calls = prepare_latents.encode_batch, []
+
+    def counted(*a, **k):  # the shape probe, then one call per batch = per chunk; the 3rd: a SIGUSR1 arrives
+        calls.append(1)
+        if len(calls) == 3 and stopping:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return encode(*a, **k)
+
+    monkeypatch.setattr(prepare_latents, "encode_batch", counted)
+    stopping = False
+    run_prepare(monkeypatch, *args[:-1])  # a finished dataset
+    stopping, calls[:] = True, []
+    with pytest.raises(SystemExit) as e:  # --overwrite redoes it, and is stopped halfway
+        run_prepare(monkeypatch, *args)
+    assert e.value.code == ddt.EXIT_STOPPED and len(os.listdir(out / ".progress")) == 2
+    assert "stopped by SIGUSR1: the finished chunks are kept" in capsys.readouterr().out
+    stopping, calls[:] = False, []
+    run_prepare(monkeypatch, *args)  # the same command resumes: the probe and the 2 chunks left
+    assert len(calls) == 3 and "resuming it (2 of 4 chunks left)" in capsys.readouterr().out
+    assert_same(tmp_path / "ref", out)
+    calls.clear()
+    run_prepare(monkeypatch, *args)  # finished: --overwrite redoes it
+    assert len(calls) == 5
+
+
+def test_prepare_latents_killed_while_creating_its_files_then_rerun_recovers(tmp_path, monkeypatch):
+    make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--images", "--num-workers", 0]
+    run_prepare(monkeypatch, *args, "--out", tmp_path / "ref")
+    for module, name, n, extra in ((np.lib.format, "open_memmap", 2, []),  # making the arrays of a new dataset
+                                   (os, "remove", 3, ["--resolution", 16, "--overwrite"])):  # an --overwrite's clearing
+        real, calls = getattr(module, name), []
+
+        def dying(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt  # where a SIGKILL could land: nothing of ours runs after it
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, dying)
+        with pytest.raises(KeyboardInterrupt):
+            run_prepare(monkeypatch, *args, *extra, "--out", out)
+        monkeypatch.setattr(module, name, real)
+        assert not (out / "settings.json").exists()
+        run_prepare(monkeypatch, *args, "--out", out)  # the same command without --overwrite: recovers
+        assert_same(tmp_path / "ref", out)
 
 
 def children(pid):
