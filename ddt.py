@@ -338,6 +338,14 @@ def atomic_write(path, mode="wb"):
         raise
 
 
+def check_output_folders(*outputs):
+    """Stop before any work if an output's folder is missing: `outputs` are (flag, path or None) pairs."""
+    for flag, path in outputs:
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise SystemExit(f"error: {flag} {path}: folder {folder} does not exist; create it or pick another")
+
+
 def save_atomic(obj, path):
     with atomic_write(path) as f:
         torch.save(obj, f)

@@ -1697,7 +1697,134 @@ def test_second_sample_on_the_same_npz_is_refused(tmp_path, monkeypatch):
         holder.kill()
         holder.wait()
     cli(monkeypatch, *argv)  # the other run gone: this one runs, removes the leftover, and its lock file at the end
-    assert npz.exists() and not in_flight.exists() and not os.path.exists(f"{npz}.lock")# =============================================================================================
+    assert npz.exists() and not in_flight.exists() and not os.path.exists(f"{npz}.lock")
+
+
+class StubInception(torch.nn.Module):
+    """The Inception network's interface at small sizes, fast: pool (B, 64), spatial (B, 48), logits (B, 8),
+    a fixed projection of the pixels, offset by 1000 (as ill-conditioned as a variance gets for the sums)."""
+
+    def __init__(self, pixels):
+        super().__init__()
+        self.proj = torch.nn.Linear(pixels, 120)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.constant_(self.proj.bias, 1000.0)
+
+    def forward(self, x):  # uint8 (B, 3, H, W)
+        return self.proj(x.float().flatten(1) / 255).split([64, 48, 8], dim=1)
+
+
+class StubDino(StubInception):
+    pos_rule, embed_dim = "hub", 64
+
+    def tokens(self, x):  # (B, 3, 224, 224) -> (B, 1, 64)
+        return self.proj(F.interpolate(x, size=(8, 8), mode="area").flatten(1))[:, None, :64]
+
+
+def test_make_ref_streams_its_statistics_in_flat_memory_reading_each_image_once(tmp_path, monkeypatch):
+    import tracemalloc
+    stub = StubInception(8 * 8 * 3)
+    images = random_images(8192, 8, seed=4)
+    peaks = {}
+    for n in (2048, 8192):
+        np.savez(tmp_path / f"src{n}.npz", arr_0=images[:n])
+        tracemalloc.start()
+        arrays = evaluate.make_ref(str(tmp_path / f"src{n}.npz"), str(tmp_path / f"ref{n}.npz"), stub, num_images=16)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # the numpy memory it held at its peak does not grow with the images: 4 x more images, < 32 bytes more per
+    # added image (the row lists); holding the features (64 + 48 + 8 floats an image) and np.cov's float64 copies,
+    # as it did, took ~1 KB per image
+    assert peaks[8192] - peaks[2048] < 32 * 6144, peaks
+    pool, spatial, _ = evaluate.inception_features(stub, images)
+    for key, feats in (("", pool), ("_s", spatial)):  # np.cov's numbers, despite the offset of 1000
+        mu, sigma = np.mean(feats.astype(np.float64), 0), np.cov(feats, rowvar=False)
+        assert np.allclose(arrays["mu" + key], mu, rtol=1e-12) and np.allclose(arrays["sigma" + key], sigma, rtol=1e-8)
+    keep = np.sort(np.random.default_rng(0).choice(8192, 16, replace=False))
+    assert np.array_equal(arrays["arr_0"], images[keep])
+    # an image folder with --dino: each file is read once (it used to be three times: Inception, DINOv2, arr_0)
+    (tmp_path / "folder").mkdir()
+    for i, im in enumerate(images[:6]):
+        Image.fromarray(im).save(tmp_path / "folder" / f"{i}.png")
+    opened, real_open = [], evaluate.Image.open
+    monkeypatch.setattr(evaluate.Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    arrays = evaluate.make_ref(str(tmp_path / "folder"), str(tmp_path / "f.npz"), stub, StubDino(8 * 8 * 3),
+                               resolution=8, num_images=4)
+    assert sorted(opened) == sorted(str(tmp_path / "folder" / f"{i}.png") for i in range(6))
+    assert arrays["mu_dinov2"].shape == (64,) and arrays["arr_0"].shape == (4, 8, 8, 3)
+
+
+def test_make_ref_refuses_an_unfinished_or_imageless_dataset(tmp_path, monkeypatch):
+    make_folder(tmp_path / "data")
+    base = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--num-workers", 0]
+    run_prepare(monkeypatch, *base, "--out", tmp_path / "no_images")
+    run_prepare(monkeypatch, *base, "--images", "--out", tmp_path / "cut")
+    os.remove(tmp_path / "cut" / "meta.json")  # as a stopped run leaves it
+    stub = StubInception(16 * 16 * 3)
+    with pytest.raises(ValueError, match="cut: a prepare_latents.py dataset without meta.json, so unfinished"):
+        evaluate.make_ref(str(tmp_path / "cut"), str(tmp_path / "r.npz"), stub)
+    with pytest.raises(ValueError, match="no_images: this prepare_latents.py dataset has no images .* --images"):
+        evaluate.make_ref(str(tmp_path / "no_images"), str(tmp_path / "r.npz"), stub)
+
+
+def test_evaluate_bad_input_is_refused_before_any_feature(tmp_path, monkeypatch, capsys, inception_file):
+    def no_features(*a):
+        raise AssertionError("a feature was computed")
+    monkeypatch.setattr(evaluate, "inception_batch", no_features)
+    monkeypatch.setattr(evaluate, "dino_batch", no_features)
+    good = random_images(4, 16)
+    np.savez(tmp_path / "ref.npz", arr_0=good)
+    np.savez(tmp_path / "empty.npz", arr_0=good[:0])
+    np.savez(tmp_path / "three.npz", arr_0=good[:3])
+    np.savez(tmp_path / "bad_mu.npz", arr_0=good, mu=np.zeros(10), sigma=np.eye(10), mu_s=np.zeros(3),
+             sigma_s=np.eye(3))
+    np.savez(tmp_path / "bad_dino.npz", arr_0=good, mu_dinov2=np.zeros(768), sigma_dinov2=np.eye(768))
+    np.savez(tmp_path / "nan_dino.npz", arr_0=good, mu_dinov2=np.zeros(64), sigma_dinov2=np.full((64, 64), np.nan))
+    for ref, samples, match in (("ref", "empty", "empty.npz has 0 images"), ("three", "ref", "three.npz has 3 images"),
+                                ("ref", "bad_mu", r"bad_mu.npz: mu is \(10,\), but the 2048-d features of Inception"),
+                                ("bad_dino", "ref", r"bad_dino.npz: mu_dinov2 is \(768,\), but the 64-d features of "
+                                                    r"the --dino network need \(64,\)"),
+                                ("nan_dino", "ref", "nan_dino.npz: sigma_dinov2 is not finite")):
+        with pytest.raises(ValueError, match=match):
+            evaluate.evaluate(str(tmp_path / f"{ref}.npz"), str(tmp_path / f"{samples}.npz"), None, StubDino(8))
+    with pytest.raises(ValueError, match=r"--resolution 32: .*ref.npz holds 16x16 images"):
+        evaluate.make_ref(str(tmp_path / "ref.npz"), str(tmp_path / "r.npz"), None, resolution=32)
+    # the command line: outputs' folders and flags before the weights are even loaded (there are none here)
+    for argv, match in ((["--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "no" / "r.npz"], "--out .*no/r.npz: folder"),
+                        ([tmp_path / "ref.npz", tmp_path / "ref.npz", "--json", tmp_path / "no" / "m.json"], "--json .*: folder"),
+                        (["--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "r.npz", "--num-images", 2], None),
+                        ([tmp_path / "ref.npz", tmp_path / "ref.npz", "--resolution", 64], None)):
+        with pytest.raises(SystemExit, match=match):
+            evaluate_cli(monkeypatch, *argv, "--inception", tmp_path / "none.pth")
+    err = capsys.readouterr().err
+    assert "--num-images must be at least 4" in err and "--resolution goes with --make-ref" in err
+    # DINOv2 weights other than ViT-L/14: a warning; a killed --make-ref's temporary file goes; one run per --out
+    (tmp_path / "r.npz.tmp99999").write_bytes(b"what a killed --make-ref left")
+    with pytest.raises(SystemExit, match="three.npz has 3 images"):
+        evaluate_cli(monkeypatch, "--make-ref", tmp_path / "three.npz", "--out", tmp_path / "r.npz", "--inception",
+                     inception_file, "--dino", DINO_WEIGHTS)
+    assert "not the ViT-L/14 (1024, 24) that FD_DINOv2 is defined on" in capsys.readouterr().err
+    assert not (tmp_path / "r.npz.tmp99999").exists() and not (tmp_path / "r.npz.lock").exists()
+    holder = hold_lock(tmp_path / "r.npz.lock")
+    try:
+        with pytest.raises(SystemExit, match="--out .*r.npz is in use by a live evaluate.py --make-ref run"):
+            evaluate_cli(monkeypatch, "--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "r.npz", "--inception",
+                         inception_file)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_pairwise_distances_checks_finite_after_the_clamp_as_tf():
+    # |u|^2 = 32761 fits float16, 2 u.v = 65522 does not: -inf, which TF's max with 0 turns into 0 before its
+    # is_finite check, so the block stays float16 (it used to switch to float32: 32364.1 instead of 32368)
+    U, V = torch.tensor([[181.0, 0.0]]), torch.tensor([[181.0, 0.0], [1.1, 0.3]])
+    d = evaluate.pairwise_distances(U, V)
+    assert d.tolist() == [[0.0, 32368.0]]
+
+
+
+# =============================================================================================
 # evaluate.py (issue 11): the ADM evaluator's metrics and FD_DINOv2
 
 
@@ -1936,6 +2063,7 @@ def test_make_ref_round_trip(tmp_path, monkeypatch, capsys, inception_file, ince
     data.mkdir()
     np.save(data / "images.npy", np.concatenate([crops, crops[:1] * 0]))
     np.save(data / "valid.npy", np.array([True] * 5 + [False]))
+    (data / "meta.json").write_text(json.dumps({"has_images": True}))  # a finished dataset
     evaluate_cli(monkeypatch, "--make-ref", data, "--out", tmp_path / "ref2.npz", "--inception", inception_file,
                  "--num-images", 4, "--seed", 1)
     with np.load(tmp_path / "ref2.npz") as f:
