@@ -1498,7 +1498,7 @@ def end_all(ranks):
 
 
 def prepare_driver(tmp_path, patch=""):
-    """prepare_latents.main under a rank's own patches (`patch`, Python run first), writing OUT_pids/pidRANK."""
+    """A driver running prepare_latents.main after `patch` (Python; `rank` is set), writing its pid to TMP/pidRANK."""
     driver = tmp_path / "driver.py"
     driver.write_text(f"import os, sys, time\nsys.path.insert(0, {HERE!r})\nimport prepare_latents\n"
                       f"rank = os.environ['RANK']\n{patch}\n"
