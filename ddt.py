@@ -30,6 +30,8 @@ distributed set-up and stop-on-signal helpers shared by the scripts.
 """
 
 import datetime
+import errno
+import fcntl
 import glob
 import json
 import math
@@ -336,6 +338,14 @@ def atomic_write(path, mode="wb"):
         raise
 
 
+def check_output_folders(*outputs):
+    """Stop before any work if an output's folder is missing: `outputs` are (flag, path or None) pairs."""
+    for flag, path in outputs:
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise SystemExit(f"error: {flag} {path}: folder {folder} does not exist; create it or pick another")
+
+
 def save_atomic(obj, path):
     with atomic_write(path) as f:
         torch.save(obj, f)
@@ -347,6 +357,48 @@ def remove_stale_tmp(*patterns):
     for pattern in patterns:
         for tmp in glob.glob(pattern + ".tmp*"):
             os.remove(tmp)
+
+
+def lock_file(path, flag, value, script):
+    """Take the exclusive lock that lets one `script` run at a time write to `flag value`: a lock on the file
+    `path` (created if missing), held while the returned file stays open; released by the OS when the process
+    ends, by a crash or SIGKILL too, so no stale lock is ever left behind. SystemExit naming `flag` if a live
+    process holds it; None, with a warning, on a filesystem without file locks.
+
+    A POSIX record lock (fcntl.lockf), not flock: a flock lock belongs to the open file, which a forked child
+    (a DataLoader worker) shares, so it would outlive a SIGKILL of the main process by the seconds its workers
+    take to notice; a record lock belongs to the process and is never inherited by a fork. Its one rule: closing
+    any descriptor of `path` in the process drops the lock, so nothing else may open that file. The path is
+    checked again once locked, so a lock file that its holder deleted on the way out (unlock) is never taken
+    for the file there now."""
+    while True:
+        f = open(path, "a")  # lockf needs a file open for writing
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise SystemExit(f"{flag} {value} is in use by a live {script} run (it holds {path}); wait for it to "
+                                 f"end, or use another {flag}") from None
+            print(f"warning: cannot lock {flag} {value} ({e}; a filesystem without file locks?): nothing stops a "
+                  f"second run from writing to the same place")
+            return None
+        try:
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()  # its holder deleted it after we opened it: lock the file at `path` now
+
+
+def unlock(f, remove=False):
+    """Release a lock_file lock; `remove`: delete the lock file first, while still holding it."""
+    if remove:
+        try:
+            os.remove(f.name)
+        except FileNotFoundError:
+            pass
+    f.close()
 
 
 def load_checkpoint(path, allow_pickle=False):

@@ -18,7 +18,9 @@ batches, the command line.
 """
 
 import argparse
+import glob
 import json
+import math
 import os
 import struct
 import sys
@@ -33,7 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import ddt
-from prepare_latents import center_crop_arr  # the ADM/DiT centre crop: the reference is cropped as the training set
+from prepare_latents import OUTPUT_FILES, center_crop_arr  # the ADM/DiT centre crop: the reference is cropped as
+# the training set; the file names that make a folder a prepare_latents.py dataset
 
 # -----------------------------------------------------------------------------------------------
 # InceptionV3 of TF's 2015-12-05 graph (the one ADM, TTUR and every FID table use). Parameter names are
@@ -223,44 +226,53 @@ def load_inception(path):
 # feature extraction
 
 
-def batches(images, batch_size, device, desc):
-    """uint8 (N, H, W, 3) array (or memmap) -> (B, 3, H, W) uint8 tensors on `device`, with a tqdm bar in images/s."""
+def batches(images, batch_size, desc):
+    """uint8 (N, H, W, 3) array-like (array, memmap, FolderImages) -> (start row, uint8 numpy (B, H, W, 3)) in
+    order, each image read once, with a tqdm bar in images/s."""
     with tqdm(total=len(images), desc=desc, unit="img", file=sys.stderr) as bar:
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.array(images[i: i + batch_size])).to(device)  # a copy: memmaps are read-only
-            yield x.permute(0, 3, 1, 2)
-            bar.update(len(x))
+            batch = np.asarray(images[i: i + batch_size])
+            yield i, batch
+            bar.update(len(batch))
+
+
+def to_device(batch, device):
+    """uint8 numpy (B, H, W, 3) -> uint8 tensor (B, 3, H, W) on `device` (a copy: memmaps are read-only)."""
+    return torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
-def inception_features(model, images, batch_size=64):
-    """uint8 images (N, H, W, 3) -> (pool (N, 2048), spatial (N, 2023), logits (N, 1008)) float32 numpy, ADM's
+def inception_batch(model, batch):
+    """uint8 images (B, H, W, 3) -> (pool (B, 2048), spatial (B, 2023), logits (B, 1008)) float32 numpy, ADM's
     compute_activations and the logits of its softmax graph. Float32 on the model's device, TF32 off as TF ran."""
-    device = next(model.parameters()).device
-    out = ([], [], [])
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        for x in batches(images, batch_size, device, "Inception"):
-            for o, f in zip(out, model(x)):
-                o.append(f.cpu().numpy())
-    return tuple(np.concatenate(o) for o in out)
+        return tuple(f.cpu().numpy() for f in model(to_device(batch, next(model.parameters()).device)))
+
+
+def inception_features(model, images, batch_size=64):
+    """inception_batch over uint8 images (N, H, W, 3), N >= 1: (pool (N, 2048), spatial (N, 2023), logits (N, 1008))."""
+    out = [inception_batch(model, batch) for _, batch in batches(images, batch_size, "Inception")]
+    return tuple(np.concatenate(o) for o in zip(*out))
 
 
 @torch.no_grad()
-def dino_features(dino, images, batch_size=64):
+def dino_batch(dino, batch):
     """FD_DINOv2's features as EDM2 computes them (calculate_metrics.py, DINOv2Detector, resize_mode 'torch'):
-    uint8 images (N, H, W, 3) resized to 224 x 224 (bicubic, antialiased), / 255, ImageNet mean/std, then the
-    class token after the final norm -> float32 numpy (N, D). `dino`: ddt.load_dino(path, pos_rule="hub"), the
+    uint8 images (B, H, W, 3) resized to 224 x 224 (bicubic, antialiased), / 255, ImageNet mean/std, then the
+    class token after the final norm -> float32 numpy (B, D). `dino`: ddt.load_dino(path, pos_rule="hub"), the
     hub model's position-embedding rule."""
     if dino.pos_rule != "hub":
         raise ValueError("FD_DINOv2 needs the hub model's position embeddings: ddt.load_dino(path, pos_rule='hub')")
-    device = next(dino.parameters()).device
-    mean = torch.tensor(ddt.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(ddt.IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    out = []
-    for x in batches(images, batch_size, device, "DINOv2"):
-        x = F.interpolate(x.float(), size=(224, 224), mode="bicubic", antialias=True)  # (B, 3, 224, 224) in 0..255
-        out.append(dino.tokens((x / 255 - mean) / std)[:, 0].float().cpu().numpy())  # (B, D)
-    return np.concatenate(out)
+    x = to_device(batch, next(dino.parameters()).device)
+    mean = torch.tensor(ddt.IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(ddt.IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = F.interpolate(x.float(), size=(224, 224), mode="bicubic", antialias=True)  # (B, 3, 224, 224) in 0..255
+    return dino.tokens((x / 255 - mean) / std)[:, 0].float().cpu().numpy()  # (B, D)
+
+
+def dino_features(dino, images, batch_size=64):
+    """dino_batch over uint8 images (N, H, W, 3), N >= 1 -> float32 numpy (N, D)."""
+    return np.concatenate([dino_batch(dino, batch) for _, batch in batches(images, batch_size, "DINOv2")])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -275,14 +287,57 @@ def feature_statistics(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+class StreamingStatistics:
+    """ADM's compute_statistics (np.mean, np.cov with rows as samples) of features that come in batches, for
+    sources too large to hold: in float64, the mean and centred sum of outer products of each block of `block`
+    rows merged into the running ones (the pairwise update of Chan, Golub and LeVeque), so memory is O(D^2 +
+    block D) whatever the number of rows, and the result is np.cov's up to float64 rounding. Also the
+    per-feature minimum and maximum, for check_features."""
+
+    def __init__(self, block=1024):
+        self.n, self.block, self.pending = 0, block, []
+
+    def update(self, x):
+        self.pending.append(np.asarray(x, dtype=np.float64))  # (B, D)
+        if sum(map(len, self.pending)) >= self.block:  # merged in blocks: fewer, larger products
+            self.merge()
+
+    def merge(self):
+        if not self.pending:
+            return
+        x, self.pending = np.concatenate(self.pending), []
+        if len(x) == 0:
+            return
+        if self.n == 0:
+            D = x.shape[1]
+            self.mean, self.m2 = np.zeros(D), np.zeros((D, D))
+            self.lo, self.hi = np.full(D, math.inf), np.full(D, -math.inf)
+        mean = x.mean(axis=0)
+        delta, n = mean - self.mean, self.n + len(x)
+        self.m2 += (x - mean).T @ (x - mean)
+        self.m2 += np.outer(delta, delta) * (self.n * len(x) / n)
+        self.mean += delta * (len(x) / n)
+        self.n = n
+        self.lo, self.hi = np.minimum(self.lo, x.min(axis=0)), np.maximum(self.hi, x.max(axis=0))
+
+    def result(self):
+        """(mu float64 (D,), sigma float64 (D, D)), like np.mean and np.cov of all the rows."""
+        self.merge()
+        return self.mean, self.m2 / (self.n - 1)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """ADM's FIDStatistics.frechet_distance: |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr sqrtm(sigma1 sigma2).
     The trace of the square root is the sum of the square roots of the eigenvalues of sigma1 sigma2, taken here
     from the symmetric matrix sqrt(sigma1) sigma2 sqrt(sigma1) that has the same eigenvalues (two eigh calls,
     not scipy's sqrtm). Like ADM's retry (which it makes when sqrtm's result is not finite), a failed
-    eigendecomposition is retried with eps added to both diagonals; an eigenvalue below zero by more than
-    (1e-3)^2, the eigenvalue analogue of ADM's imaginary-part check (atol 1e-3), raises its "Imaginary component"
-    error, and smaller ones are rounding and count as 0."""
+    eigendecomposition is retried with eps added to both diagonals. An eigenvalue below -1e-6 (whose square root
+    has an imaginary part above 1e-3) raises the "Imaginary component" error; smaller ones are rounding and count
+    as 0. That is not ADM's test, which raises when an entry on the diagonal of scipy's sqrtm(sigma1 sigma2) has
+    an imaginary part above 1e-3 (np.allclose, atol 1e-3): the two return the same number where no eigenvalue is
+    near that bound, as with the covariances of more images than dimensions; but on rank-deficient covariances
+    (fewer images than dimensions) of large magnitude, both look at rounding noise, and either may raise where
+    the other returns a number (README, Evaluate, measures such cases)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -328,14 +383,16 @@ def inception_score(logits, split_size=5000):
 def pairwise_distances(U, V):
     """ADM's DistanceBlock: squared distances max(|u|^2 - 2 u.v + |v|^2, 0) between the rows of U (n, D) and
     V (m, D), computed in float16 (every operation rounded to float16, sums and products accumulated in float32
-    as GPU kernels do), or in float32 where the float16 block is not finite. -> float32 (n, m)."""
+    as GPU kernels do), or in float32 where the float16 block is not finite. -> float32 (n, m). As in TF, the
+    check comes after the max with 0: a 2 u.v that overflows float16 (above 65504) while the norms do not makes
+    a -inf, which the max turns into 0, so the float16 block is kept."""
     def f16(t):
         return t.half().float()
     u, v = f16(U), f16(V)
-    d = f16(f16(f16(f16(u * u).sum(1, keepdim=True)) - f16(2 * f16(u @ v.T))) + f16(f16(v * v).sum(1)))
+    d = f16(f16(f16(f16(u * u).sum(1, keepdim=True)) - f16(2 * f16(u @ v.T))) + f16(f16(v * v).sum(1))).clamp(min=0)
     if not torch.isfinite(d).all():
-        d = (U * U).sum(1, keepdim=True) - 2 * U @ V.T + (V * V).sum(1)
-    return d.clamp(min=0)
+        d = ((U * U).sum(1, keepdim=True) - 2 * U @ V.T + (V * V).sum(1)).clamp(min=0)
+    return d
 
 
 def manifold_radii(features, k=3, block=10000):
@@ -372,7 +429,8 @@ def precision_recall(ref_pool, sample_pool, k=3, block=10000, device="cpu"):
 # -----------------------------------------------------------------------------------------------
 # .npz files and reference batches
 
-REF_STATS = ("mu", "sigma", "mu_s", "sigma_s")
+INCEPTION_STATS = {"mu": 2048, "sigma": 2048, "mu_s": 2023, "sigma_s": 2023}  # ADM's names -> feature size
+# (pool_3, spatial)
 
 
 def open_images(path):
@@ -407,36 +465,57 @@ def open_images(path):
     return images
 
 
-def read_stats(path, keys):
-    """The stored statistics `keys` of an .npz (ADM's read_statistics), or None when it has none of them."""
-    with np.load(path) as f:
-        have = [k for k in keys if k in f.files]
-        if have and len(have) < len(keys):
-            raise ValueError(f"{path} has {', '.join(have)} but not {', '.join(k for k in keys if k not in have)}: "
-                             f"a reference batch holds all of {', '.join(keys)} or none (remake it with --make-ref)")
-        return [f[k] for k in keys] if have else None
-
-
-def check_features(features, path, what):
-    """A clear error instead of a NaN metric: at least k + 1 = 4 images, finite and not all the same features."""
-    n = len(features)
+def check_count(n, path):
     if n < 4:
         raise ValueError(f"{path} has {n} images: the metrics need at least 4 (precision/recall use 3 neighbours)")
+
+
+def read_stats(path, sizes, what):
+    """The stored statistics of an .npz named in `sizes` (name -> feature size D), as ADM's read_statistics
+    reads them, or None when it has none of them. Checked before any feature is computed: all of them or none,
+    mu (D,) and sigma (D, D) for the features of `what`, finite."""
+    with np.load(path) as f:
+        have = [k for k in sizes if k in f.files]
+        if have and len(have) < len(sizes):
+            raise ValueError(f"{path} has {', '.join(have)} but not {', '.join(k for k in sizes if k not in have)}: "
+                             f"a reference batch holds all of {', '.join(sizes)} or none (remake it with --make-ref)")
+        stats = [f[k] for k in sizes] if have else None
+    for (k, D), a in zip(sizes.items(), stats or []):
+        shape = (D, D) if k.startswith("sigma") else (D,)
+        if a.shape != shape:
+            raise ValueError(f"{path}: {k} is {a.shape}, but the {D}-d features of {what} need {shape}; remake "
+                             f"the reference batch with --make-ref")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{path}: {k} is not finite (NaN or inf); remake the reference batch with --make-ref")
+    return stats
+
+
+def check_features(features, path, what, n=None):
+    """A clear error instead of a NaN metric: finite features, not all the same. `features`: a row per image, or
+    (for n images) two rows that hold each feature's minimum and maximum."""
     if not np.isfinite(features).all():
         raise ValueError(f"{what} features of {path} are not finite (NaN or inf): are the weights right?")
     if np.ptp(features, axis=0).max() == 0:
-        raise ValueError(f"all {n} images of {path} give the same {what} features (identical images?): "
-                         f"a covariance needs varied images")
+        raise ValueError(f"all {len(features) if n is None else n} images of {path} give the same {what} features "
+                         f"(identical images?): a covariance needs varied images")
 
 
 def evaluate(ref_path, sample_path, inception, dino=None, batch_size=64, device="cpu"):
     """ADM's main(): the metrics of the samples against the reference batch, in ADM's order, then FD_DINOv2
-    with `dino`. -> dict of floats."""
+    with `dino`. -> dict of floats. The inputs are checked before any feature is computed."""
     ref_images, sample_images = open_images(ref_path), open_images(sample_path)
     if ref_images.shape[1:] != sample_images.shape[1:]:
         raise ValueError(f"{sample_path} holds {sample_images.shape[1]}x{sample_images.shape[2]} images, the reference "
                          f"{ref_path} {ref_images.shape[1]}x{ref_images.shape[2]}: compare samples at the "
                          f"reference's resolution")
+    check_count(len(ref_images), ref_path)
+    check_count(len(sample_images), sample_path)
+    stored = {name: read_stats(path, INCEPTION_STATS, "Inception") for name, path in
+              (("reference", ref_path), ("sample", sample_path))}
+    ref_dino = None
+    if dino is not None:
+        sizes = {"mu_dinov2": dino.embed_dim, "sigma_dinov2": dino.embed_dim}
+        ref_dino = read_stats(ref_path, sizes, "the --dino network")
     if len(sample_images) < 5000:
         print(f"note: {sample_path} has {len(sample_images)} images, fewer than one Inception Score split (5000): "
               f"the IS is over all of them, not comparable with 50K results", file=sys.stderr)
@@ -445,8 +524,8 @@ def evaluate(ref_path, sample_path, inception, dino=None, batch_size=64, device=
         print(f"computing {name} batch activations...")
         acts[name] = inception_features(inception, images, batch_size)
         check_features(acts[name][0], path, "Inception")
-        stored = read_stats(path, REF_STATS)
-        stats[name] = ((stored[0], stored[1]), (stored[2], stored[3])) if stored else \
+        s = stored[name]
+        stats[name] = ((s[0], s[1]), (s[2], s[3])) if s else \
             (feature_statistics(acts[name][0]), feature_statistics(acts[name][1]))
     print("computing evaluations...")
     prec, rec = precision_recall(acts["reference"][0], acts["sample"][0], device=device)
@@ -455,14 +534,13 @@ def evaluate(ref_path, sample_path, inception, dino=None, batch_size=64, device=
                "sFID": frechet_distance(*stats["sample"][1], *stats["reference"][1]),
                "Precision": prec, "Recall": rec}
     if dino is not None:
-        ref_stats = read_stats(ref_path, ("mu_dinov2", "sigma_dinov2"))
-        if ref_stats is None:
+        if ref_dino is None:
             ref_feats = dino_features(dino, ref_images, batch_size)
             check_features(ref_feats, ref_path, "DINOv2")
-            ref_stats = feature_statistics(ref_feats)
+            ref_dino = feature_statistics(ref_feats)
         sample_feats = dino_features(dino, sample_images, batch_size)
         check_features(sample_feats, sample_path, "DINOv2")
-        results["FD_DINOv2"] = frechet_distance(*feature_statistics(sample_feats), *ref_stats)
+        results["FD_DINOv2"] = frechet_distance(*feature_statistics(sample_feats), *ref_dino)
     return results
 
 
@@ -482,6 +560,10 @@ class FolderImages:
     def __len__(self):
         return len(self.files)
 
+    @property
+    def shape(self):
+        return len(self.files), self.resolution, self.resolution, 3
+
     def __getitem__(self, index):
         files = self.files[index] if isinstance(index, slice) else [self.files[i] for i in index]
         out = []
@@ -494,32 +576,64 @@ class FolderImages:
         return np.stack(out)
 
 
-def make_ref(source, out, inception, dino=None, resolution=256, num_images=10000, seed=0, batch_size=64):
-    """A reference batch in ADM's layout for your own data: statistics over all images of `source` (mu, sigma,
-    mu_s, sigma_s; mu_dinov2, sigma_dinov2 with `dino`) and arr_0, a seeded subset of `num_images` of them
-    in their order (precision/recall use it). `source`: a dataset of prepare_latents.py made with --images
-    (its valid images), an .npz with arr_0, or an image folder (ADM centre crop to `resolution`)."""
-    if os.path.isfile(os.path.join(source, "images.npy")):  # a prepare_latents.py dataset
+def open_source(source, resolution=None):
+    """A --make-ref source -> (uint8 images (N, R, R, 3), array-like, and the rows to use): a dataset of
+    prepare_latents.py made with --images (its valid rows), an .npz with arr_0, or an image folder (the ADM
+    centre crop to `resolution`, 256 by default). Checked before any feature is computed: a dataset must be
+    finished and hold images, `resolution` applies to a folder only, and at least 4 images."""
+    if os.path.isdir(source) and any(os.path.exists(os.path.join(source, f)) for f in OUTPUT_FILES):
+        if not os.path.isfile(os.path.join(source, "meta.json")):
+            raise ValueError(f"--make-ref {source}: a prepare_latents.py dataset without meta.json, so unfinished "
+                             f"(the rows not yet encoded are empty); rerun its prepare_latents.py command to finish it")
+        with open(os.path.join(source, "meta.json")) as f:
+            if not json.load(f).get("has_images"):
+                raise ValueError(f"--make-ref {source}: this prepare_latents.py dataset has no images (made without "
+                                 f"--images); make one with prepare_latents.py --images, or give the image folder")
         images = np.load(os.path.join(source, "images.npy"), mmap_mode="r")
         rows = np.flatnonzero(np.load(os.path.join(source, "valid.npy")))  # an unreadable file left a zero row
-    else:
-        if os.path.isdir(source):
-            images = FolderImages(source, resolution)
-        elif source.endswith(".npz"):
-            images = open_images(source)
-        else:
-            raise ValueError(f"--make-ref {source}: expected an image folder, a prepare_latents.py dataset made "
-                             f"with --images, or an .npz with arr_0")
+    elif os.path.isdir(source):
+        images = FolderImages(source, resolution or 256)
         rows = np.arange(len(images))
-    pool, spatial, _ = (f[rows] for f in inception_features(inception, images, batch_size))
-    check_features(pool, source, "Inception")
-    arrays = dict(zip(REF_STATS, feature_statistics(pool) + feature_statistics(spatial)))
-    if dino is not None:
-        feats = dino_features(dino, images, batch_size)[rows]
-        check_features(feats, source, "DINOv2")
-        arrays["mu_dinov2"], arrays["sigma_dinov2"] = feature_statistics(feats)
+    elif source.endswith(".npz"):
+        images = open_images(source)
+        rows = np.arange(len(images))
+    else:
+        raise ValueError(f"--make-ref {source}: expected an image folder, a prepare_latents.py dataset made "
+                         f"with --images, or an .npz with arr_0")
+    if resolution is not None and images.shape[1:3] != (resolution, resolution):
+        raise ValueError(f"--resolution {resolution}: {source} holds {images.shape[1]}x{images.shape[2]} images, "
+                         f"which are used as they are (--resolution crops an image folder); leave it out")
+    check_count(len(rows), source)
+    return images, rows
+
+
+def make_ref(source, out, inception, dino=None, resolution=None, num_images=10000, seed=0, batch_size=64):
+    """A reference batch in ADM's layout for your own data: statistics over all images of `source` (mu, sigma,
+    mu_s, sigma_s; mu_dinov2, sigma_dinov2 with `dino`; float64) and arr_0, a seeded subset of `num_images` of
+    them in their order (precision/recall use it). `source`: see open_source. One pass over the source, each
+    image read once: the statistics are running sums (StreamingStatistics) and only the arr_0 rows are kept, so
+    the memory does not grow with the number of images."""
+    images, rows = open_source(source, resolution)
     keep = rows[np.sort(np.random.default_rng(seed).choice(len(rows), min(num_images, len(rows)), replace=False))]
-    arrays["arr_0"] = np.concatenate([images[keep[i: i + batch_size]] for i in range(0, len(keep), batch_size)])
+    arr_0 = np.empty((len(keep), *images.shape[1:]), np.uint8)
+    stats = {"": StreamingStatistics(), "_s": StreamingStatistics()}
+    if dino is not None:
+        stats["_dinov2"] = StreamingStatistics()
+    for start, batch in batches(images, batch_size, "reference: Inception" + (", DINOv2" if dino is not None else "")):
+        (r0, r1), (k0, k1) = (np.searchsorted(a, [start, start + len(batch)]) for a in (rows, keep))
+        sel = rows[r0:r1] - start  # the batch's rows to use (both sorted lists)
+        arr_0[k0:k1] = batch[keep[k0:k1] - start]  # and those to keep
+        pool, spatial, _ = inception_batch(inception, batch)
+        stats[""].update(pool[sel])
+        stats["_s"].update(spatial[sel])
+        if dino is not None:
+            stats["_dinov2"].update(dino_batch(dino, batch)[sel])
+    arrays = {}
+    for key, acc in stats.items():
+        arrays["mu" + key], arrays["sigma" + key] = acc.result()
+        what = "DINOv2" if key == "_dinov2" else "Inception"
+        check_features(np.stack([acc.lo, acc.hi]), source, what, acc.n)
+    arrays["arr_0"] = arr_0
     with ddt.atomic_write(out) as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
     return arrays
@@ -541,8 +655,8 @@ def parse_args(argv=None):
     p.add_argument("--make-ref", metavar="SOURCE", help="make a reference batch instead: an image folder, a "
                                                          "prepare_latents.py dataset with --images, or an .npz")
     p.add_argument("--out", help="the reference batch --make-ref writes")
-    p.add_argument("--resolution", type=int, default=256, help="--make-ref from a folder: centre-crop size")
-    p.add_argument("--num-images", type=int, default=10000, help="--make-ref: images kept in arr_0")
+    p.add_argument("--resolution", type=int, help="--make-ref from a folder: centre-crop size (default 256)")
+    p.add_argument("--num-images", type=int, default=10000, help="--make-ref: images kept in arr_0 (at least 4)")
     p.add_argument("--seed", type=int, default=0, help="--make-ref: seed of the arr_0 subset")
     args = p.parse_args(argv)
     if args.make_ref:
@@ -552,17 +666,31 @@ def parse_args(argv=None):
         p.error("give REF.npz and SAMPLES.npz (or --make-ref SOURCE --out REF.npz)")
     if args.out and not args.make_ref:
         p.error("--out goes with --make-ref")
-    if min(args.batch_size, args.num_images, args.resolution) < 1:
-        p.error("--batch-size, --num-images and --resolution must be >= 1")
+    if min(args.batch_size, args.resolution or 1) < 1:
+        p.error("--batch-size and --resolution must be >= 1")
+    if args.num_images < 4:
+        p.error("--num-images must be at least 4: precision/recall against the reference use 3 neighbours")
+    if args.resolution is not None and not args.make_ref:
+        p.error("--resolution goes with --make-ref")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    ddt.check_output_folders(("--out", args.out), ("--json", args.json))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lock = None
     try:
+        if args.make_ref:  # one run per --out
+            lock = ddt.lock_file(args.out + ".lock", "--out", args.out, "evaluate.py --make-ref")
+            if lock is not None:  # the lock is ours: a REF.npz.tmpPID there is a killed run's
+                ddt.remove_stale_tmp(glob.escape(args.out))
         inception = load_inception(args.inception).to(device)
         dino = ddt.load_dino(args.dino, pos_rule="hub").to(device) if args.dino else None
+        if dino is not None and (dino.embed_dim, len(dino.blocks)) != (1024, 24):
+            print(f"warning: --dino {args.dino} is a ViT/14 of width {dino.embed_dim} and depth {len(dino.blocks)}, "
+                  f"not the ViT-L/14 (1024, 24) that FD_DINOv2 is defined on: its numbers are not comparable with "
+                  f"published ones", file=sys.stderr)
         if args.make_ref:
             arrays = make_ref(args.make_ref, args.out, inception, dino, args.resolution, args.num_images, args.seed,
                               args.batch_size)
@@ -572,6 +700,9 @@ def main(argv=None):
         results = evaluate(args.ref, args.samples, inception, dino, args.batch_size, device)
     except (OSError, ValueError, NotImplementedError) as e:  # bad files: a message, not a traceback
         raise SystemExit(f"error: {e}") from None
+    finally:
+        if lock is not None:
+            ddt.unlock(lock, remove=True)
     for name, value in results.items():
         print(f"{name}: {value}")
     if args.json:

@@ -24,8 +24,10 @@ over the ranks, with the same batches whatever the number of ranks (so the resul
 rank 0 writes the arrays above: another rank writes each chunk it finishes to a file of its own,
 OUT/.progress/chunk_XXXXXX.npz, which rank 0 copies in and deletes, so no two ranks (nor hosts) ever write to
 the same file, nor to the same page of a shared filesystem. A chunk in the arrays leaves
-OUT/.progress/chunk_XXXXXX.done; a rerun with the same settings skips the chunks with either file. SIGTERM,
-SIGUSR1 or SIGINT stops a rank after its batch in progress, keeping the finished chunks (exit status 75).
+OUT/.progress/chunk_XXXXXX.done; a rerun with the same settings skips the chunks with either file. Rank 0 alone
+looks at the filesystem: it lists the images and decides what to do with OUT (new, resume, done) for all ranks.
+SIGTERM, SIGUSR1 or SIGINT to any rank stops every rank after the same batch (the signal is all-reduced after each
+batch, as in train.py), keeping the finished chunks (exit status 75).
 """
 
 import argparse
@@ -34,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -49,8 +50,10 @@ import ddt
 
 FORMAT_VERSION = 1
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}  # compared lower-case: .JPEG, .PNG, ... match too
-OUTPUT_FILES = ("latents.npy", "latents_flip.npy", "labels.npy", "valid.npy", "images.npy", "meta.json",
-                "settings.json", ".progress")
+OUTPUT_FILES = ("meta.json", "settings.json", "latents.npy", "latents_flip.npy", "labels.npy", "valid.npy",
+                "images.npy", ".progress")  # in the order create_files removes them
+PART_WAIT = 600  # s: how long rank 0 waits for the chunk files of ranks that have all finished (a shared filesystem
+# may show a file late on another node); longer means the filesystem is not shared, or a file was lost
 TOY_CLASSES = {"red_disk": (230, 30, 30), "blue_square": (40, 80, 250), "green_triangle": (30, 200, 50),
                "yellow_cross": (245, 225, 30), "magenta_ring": (235, 40, 225), "cyan_diamond": (30, 225, 235),
                "orange_x": (255, 140, 0), "horizontal_stripes": (240, 240, 240),
@@ -168,33 +171,47 @@ def write_json(obj, path):
 
 
 def check_out(out, settings, overwrite):
-    """What to do with --out: "new" (nothing of ours there, or --overwrite), "resume" (same settings, not
-    finished) or "done" (same settings, finished). A dataset made with other settings stops the run."""
-    if overwrite or not any(os.path.exists(os.path.join(out, f)) for f in OUTPUT_FILES):
+    """What to do with --out: "new", "resume" (same settings, not finished) or "done" (same settings, finished).
+    "new": nothing of ours there; or .progress/ without settings.json and meta.json, a dataset whose creation
+    was cut short (create_files), with nothing encoded yet; or, with --overwrite, a dataset made with other
+    settings or a finished one. An unfinished dataset with the same settings is resumed with --overwrite too,
+    so that rerunning a stopped command never throws its work away. A dataset made with other settings stops
+    the run without --overwrite."""
+    def exists(f):
+        return os.path.exists(os.path.join(out, f))
+
+    finished = exists("meta.json")
+    if not any(map(exists, OUTPUT_FILES)) or (exists(".progress") and not exists("settings.json") and not finished):
         return "new"
     old = None
-    if os.path.exists(os.path.join(out, "settings.json")):
+    if exists("settings.json"):
         with open(os.path.join(out, "settings.json")) as f:
             old = json.load(f)
-    if old != settings:
-        diff = "no settings.json" if old is None else ", ".join(
-            f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-            if old.get(k) != settings.get(k))
-        raise SystemExit(f"--out {out} already holds a dataset made with other settings ({diff}); "
-                         f"choose another --out, or pass --overwrite to replace it")
-    return "done" if os.path.exists(os.path.join(out, "meta.json")) else "resume"
+    if old == settings:
+        return "resume" if not finished else "new" if overwrite else "done"
+    if overwrite:
+        return "new"
+    diff = "no settings.json" if old is None else ", ".join(
+        f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+        if old.get(k) != settings.get(k))
+    raise SystemExit(f"--out {out} already holds a dataset made with other settings ({diff}); "
+                     f"choose another --out, or pass --overwrite to replace it")
 
 
 def create_files(out, arrays, labels, settings):
-    """Fresh dataset files in `out` (ours only are removed), settings.json last: it makes a rerun resume."""
-    os.makedirs(out, exist_ok=True)
+    """Fresh dataset files in `out` (ours only are removed), in an order that leaves check_out a state it reads
+    right wherever a kill stops it: .progress/ first (a dataset being made), then meta.json and settings.json go
+    (no old dataset is claimed any more), the old arrays and chunk markers, the new arrays; settings.json last,
+    which makes a rerun resume."""
+    progress = os.path.join(out, ".progress")
+    os.makedirs(progress, exist_ok=True)
     for f in OUTPUT_FILES:
         path = os.path.join(out, f)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
+        if f == ".progress":
+            for g in os.listdir(path):
+                os.remove(os.path.join(path, g))
         elif os.path.exists(path):
             os.remove(path)
-    os.makedirs(os.path.join(out, ".progress"))
     for name, (dtype, shape) in arrays.items():
         np.lib.format.open_memmap(os.path.join(out, name), mode="w+", dtype=dtype, shape=shape).flush()
     np.save(os.path.join(out, "labels.npy"), labels)
@@ -212,41 +229,53 @@ def latent_stats(latents, valid, block=4096):
 
 
 def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=None, batch_size=64,
-                  num_workers=4, rank=0, world_size=1, overwrite=False, received=()):
+                  num_workers=4, rank=0, world_size=1, overwrite=False, received=(), device="cpu"):
     """Encode `dataset` (items (i, uint8 (R, R, 3), error string)) into the dataset directory `out`, on every
     rank. `settings` (JSON-able: resolution, vae, vae_precision, flip, images, chunk_size, and what identifies
-    the input) fixes what is written; it is kept in out/settings.json so that a rerun resumes or refuses.
-    `received` (from ddt.stop_signals): once it holds a signal, the rank stops after its current batch."""
+    the input) fixes what is written; it is kept in out/settings.json so that a rerun resumes or refuses. Rank 0
+    decides what to do with `out` and which chunks are left, for all ranks. `received` (from ddt.stop_signals):
+    a signal there on any rank stops every rank after the same batch (ddt.stop_requested after each batch, a
+    collective on `device`; so a rank that crashes also stops the others, at their next batch, or at the process
+    group's timeout where the backend cannot tell)."""
     N, R, cs = len(dataset), settings["resolution"], settings["chunk_size"]
-    state = check_out(out, settings, overwrite)
-    if rank == 0 and state == "resume":  # chunk files a killed run was writing (no rank writes before the barrier)
-        ddt.remove_stale_tmp(os.path.join(glob.escape(out), ".progress", "*"))
-    barrier()  # every rank has looked at --out before rank 0 changes it
-    if state == "done":
-        if rank == 0:
-            print(f"{out} already holds this dataset, complete; nothing to do (--overwrite to redo it)")
-        return
     C, h, w = encode_batch(vae, torch.zeros(1, R, R, 3, dtype=torch.uint8), settings["vae_precision"]).shape[2:]
     arrays = {"latents.npy": (np.float16, (N, 2, C, h, w)), "valid.npy": (np.bool_, (N,))}
     if settings["flip"]:
         arrays["latents_flip.npy"] = (np.float16, (N, 2, C, h, w))
     if settings["images"]:
         arrays["images.npy"] = (np.uint8, (N, R, R, 3))
-    if rank == 0 and state == "new":
-        create_files(out, arrays, labels, settings)
-    barrier()
     mm = {}  # the shared arrays, opened (for writing) by rank 0 only
-    if rank == 0:
-        try:
-            mm = {name: np.load(os.path.join(out, name), mmap_mode="r+") for name in arrays}
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--out {out}: cannot reopen the unfinished dataset ({e}); pass --overwrite to restart it")
 
     def marker(c):  # chunk c is in the arrays
         return os.path.join(out, ".progress", f"chunk_{c:06d}.done")
 
     def part(c):  # chunk c, finished by a rank other than 0, waiting for rank 0 to copy it in
         return os.path.join(out, ".progress", f"chunk_{c:06d}.npz")
+
+    def prepare():  # rank 0: what to do with `out`, which chunks are left (for every rank: one list, one owner each)
+        state = check_out(out, settings, overwrite)
+        if state == "done":
+            return state, []
+        if state == "new":
+            create_files(out, arrays, labels, settings)
+        else:  # chunk files a killed run was writing (no rank writes before this decision reaches it)
+            ddt.remove_stale_tmp(os.path.join(glob.escape(out), ".progress", "*"))
+        try:
+            mm.update({name: np.load(os.path.join(out, name), mmap_mode="r+") for name in arrays})
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--out {out}: cannot reopen the unfinished dataset ({e}); delete it, or choose "
+                             f"another --out")
+        todo = [c for c in range(math.ceil(N / cs)) if not os.path.exists(marker(c)) and not os.path.exists(part(c))]
+        if state == "resume" and overwrite:
+            print(f"--overwrite: {out} holds this dataset unfinished, made with the same settings: resuming it "
+                  f"({len(todo)} of {math.ceil(N / cs)} chunks left)")
+        return state, todo
+
+    state, todo = decided_by_rank0(rank, prepare)
+    if state == "done":
+        if rank == 0:
+            print(f"{out} already holds this dataset, complete; nothing to do (--overwrite to redo it)")
+        return
 
     def copy_in(c, rows):  # rank 0: the chunk's rows reach the disk before its marker
         for name, arr in rows.items():
@@ -262,29 +291,33 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
                     copy_in(int(f[len("chunk_"):-len(".npz")]), {name: z[name] for name in arrays})
                 os.remove(os.path.join(out, ".progress", f))
 
-    def stopped():
-        print(f"rank {rank} stopped by {signal.Signals(received[0]).name}: the finished chunks are kept in "
-              f"{out}/.progress; rerun the same command to resume", flush=True)
+    def stopped(signum):
+        if rank == 0:
+            print(f"stopped by {signal.Signals(signum).name}: the finished chunks are kept in {out}/.progress; "
+                  f"rerun the same command to resume", flush=True)
         return SystemExit(ddt.EXIT_STOPPED)
 
-    # rank 0 lists the finished chunks for all ranks (a node's view of a shared filesystem may lag: one list, so
-    # every chunk has one owner), before any rank marks new ones
-    todo = ddt.from_rank0([c for c in range(math.ceil(N / cs)) if not os.path.exists(marker(c))
-                           and not os.path.exists(part(c))] if rank == 0 else None)
+    def ends(c):
+        return min((c + 1) * cs, N)
+
+    def num_batches(chunks):
+        return sum(math.ceil((ends(c) - c * cs) / batch_size) for c in chunks)
+
     mine = todo[rank::world_size]  # a fresh run: chunk c -> rank c % world_size
-    ends = {c: min((c + 1) * cs, N) for c in mine}
-    batches = [list(range(a, min(a + batch_size, ends[c]))) for c in mine for a in range(c * cs, ends[c], batch_size)]
-    left = {c: ends[c] - c * cs for c in mine}  # rows still to encode, per chunk
+    batches = [list(range(a, min(a + batch_size, ends(c)))) for c in mine for a in range(c * cs, ends(c), batch_size)]
+    rounds = max(num_batches(todo[r::world_size]) for r in range(world_size))  # the same on every rank
+    left = {c: ends(c) - c * cs for c in mine}  # rows still to encode, per chunk
     rows = {}  # chunk -> {array name: its rows}, while the chunk is being encoded
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                        worker_init_fn=ddt.ignore_stop_signals)
+    loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                             worker_init_fn=ddt.ignore_stop_signals)) if batches else None
     bar = tqdm(total=sum(left.values()), unit="img", disable=rank != 0, desc=f"rank 0 of {world_size}")
-    for idx, img, err in loader:  # (B,), (B, R, R, 3) uint8, B strings; idx is a contiguous range a:b
+
+    def encode(idx, img, err):  # (B,), (B, R, R, 3) uint8, B strings; idx is a contiguous range a:b
         a, b = idx[0].item(), idx[-1].item() + 1
         c = a // cs
         lo, hi = a - c * cs, b - c * cs  # the batch's rows within its chunk
         if c not in rows:
-            rows[c] = {name: np.zeros((ends[c] - c * cs, *shape[1:]), dtype) for name, (dtype, shape) in arrays.items()}
+            rows[c] = {name: np.zeros((ends(c) - c * cs, *shape[1:]), dtype) for name, (dtype, shape) in arrays.items()}
         ok = torch.tensor([e == "" for e in err])
         for i, e in zip(idx.tolist(), err):
             if e:
@@ -306,17 +339,29 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
                 with ddt.atomic_write(part(c)) as f:  # renamed into place complete: rank 0 may copy it in
                     np.savez(f, **rows.pop(c))
         bar.update(b - a)
-        if received:
-            raise stopped()
+
+    for r in range(rounds):  # a round: a batch on each rank (none on one whose share is done), then the stop check
+        if r < len(batches):
+            encode(*next(loader))
+        if stop := ddt.stop_requested(received, device):  # the same on every rank
+            raise stopped(stop)
     bar.close()
+    del loader  # its workers end here
     if rank != 0:
         return
-    missing = range(math.ceil(N / cs))  # the chunks not yet in the arrays, narrowed at each look
-    while missing := [c for c in missing if not os.path.exists(marker(c))]:  # others at work; polling files,
-        copy_in_parts()  # not a barrier, so that uneven shares never hit a collective timeout
+    # every rank has written its chunks (each passed the last stop check after them): wait until they are seen here
+    missing, deadline = range(math.ceil(N / cs)), time.time() + PART_WAIT
+    copy_in_parts()
+    while missing := [c for c in missing if not os.path.exists(marker(c))]:
         if received:
-            raise stopped()
+            raise stopped(received[0])
+        if time.time() > deadline:
+            raise SystemExit(f"rank 0: chunk(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} of the other ranks "
+                             f"are still not in {out}/.progress {PART_WAIT} s after every rank finished them (is "
+                             f"--out on a filesystem all the ranks share?); the finished chunks are kept: rerun the "
+                             f"same command to resume")
         time.sleep(0.2)
+        copy_in_parts()
     latents, valid = np.load(os.path.join(out, "latents.npy"), mmap_mode="r"), np.load(os.path.join(out, "valid.npy"))
     if not valid.any():
         raise SystemExit(f"none of the {N} images could be read; see the warnings above")
@@ -331,9 +376,20 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
           f"(2, {C}, {h}, {w}), per-channel mean {np.round(mean, 3).tolist()} std {np.round(std, 3).tolist()}")
 
 
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def decided_by_rank0(rank, fn, *args):
+    """fn(*args) run on rank 0 alone, its result on every rank (ddt.from_rank0): what rank 0 sees of a shared
+    filesystem decides for all, whose own views may lag. A SystemExit of fn (a refusal) reaches every rank and
+    stops each with the same message, instead of leaving the others waiting at the next collective."""
+    result = None
+    if rank == 0:
+        try:
+            result = fn(*args)
+        except SystemExit as e:
+            result = e
+    result = ddt.from_rank0(result)
+    if isinstance(result, SystemExit):
+        raise result
+    return result
 
 
 def parse_args(argv=None):
@@ -354,7 +410,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=1024, help="images per unit of work (and of resuming)")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="image-loading processes per rank (default: up to 8, at most the CPU count)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset made with other settings in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset in --out if it was made with other "
+                   "settings or is finished (an unfinished one with the same settings is resumed)")
     args = p.parse_args(argv)
     if args.toy == (args.data_path is not None):
         p.error("give exactly one of --data-path DIR and --toy")
@@ -377,7 +434,7 @@ def main(argv=None):
             fingerprint = hashlib.sha1(images.tobytes()).hexdigest()
             args.images, args.num_workers = True, 0
         else:
-            files, labels, class_names = list_images(args.data_path)
+            files, labels, class_names = decided_by_rank0(rank, list_images, args.data_path)
             dataset, source = ImageFiles(files, args.resolution), os.path.abspath(args.data_path)
             fingerprint = hashlib.sha1("\n".join(f"{f}\t{l}" for f, l in zip(files, labels)).encode()).hexdigest()
         vae = None
@@ -394,7 +451,7 @@ def main(argv=None):
         with ddt.stop_signals() as received:
             write_dataset(args.out, dataset, labels, class_names, settings, vae=vae, files=files,
                           batch_size=args.batch_size, num_workers=args.num_workers, rank=rank,
-                          world_size=world_size, overwrite=args.overwrite, received=received)
+                          world_size=world_size, overwrite=args.overwrite, received=received, device=device)
     finally:
         ddt.cleanup_dist()
 

@@ -13,7 +13,8 @@ Project checkpoints carry their config and data description; released (Lightning
 only on (--seed, i), so the images do not depend on the number of ranks (nor, on the CPU, on the batch
 size; GPU kernels may round differently at other batch sizes). With --npz,
 finished batches go to NPZ_parts/ and a rerun skips them; SIGTERM, SIGUSR1 or SIGINT stops every rank after its
-batch in progress, keeping the finished ones, with exit status ddt.EXIT_STOPPED (75). Checkpoints are read
+batch in progress, keeping the finished ones, with exit status ddt.EXIT_STOPPED (75); one run at a time per
+--npz (rank 0 locks NPZ.lock, removed when the run ends). Checkpoints are read
 memory-mapped and only the EMA weights are used, so ranks do not hold the optimizer state.
 """
 
@@ -406,10 +407,15 @@ def main(argv=None):
                          f"got {args.encoder_steps}")
 
     rank, _, world, device = ddt.setup_dist()
+    lock = None
     try:
+        if rank == 0 and args.npz:  # one run per --npz: a second would delete this one's parts in flight
+            lock = ddt.lock_file(args.npz + ".lock", "--npz", args.npz, "sample.py")
         with ddt.stop_signals() as received:
             run(args, rank, world, device, received)
     finally:
+        if lock is not None:
+            ddt.unlock(lock, remove=True)
         ddt.cleanup_dist()
 
 

@@ -1258,7 +1258,7 @@ def test_sample_and_prepare_stop_on_sigterm_keeping_finished_work(tmp_path):
     proc.send_signal(signal.SIGINT)
     rc, out = finished(proc, tmp_path / "log2")
     assert rc == ddt.EXIT_STOPPED and "Traceback" not in out, out
-    assert "rank 0 stopped by SIGINT: the finished chunks are kept" in out
+    assert "stopped by SIGINT: the finished chunks are kept" in out
     done = os.listdir(progress)
     assert 2 <= len(done) < 50 and not (tmp_path / "toy" / "meta.json").exists()
 
@@ -1336,14 +1336,16 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_same_output(script, tmp_
 
 
 def test_second_train_on_a_held_out_dir_is_refused(tmp_path):
-    import fcntl
     data = make_dataset(tmp_path / "data", n=32)
     run = tmp_path / "run"
     run.mkdir()
-    with open(run / "train.lock", "a") as held:  # what a live run holds
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder = hold_lock(run / "train.lock")  # what a live run holds
+    try:
         with pytest.raises(SystemExit, match=f"--out-dir {run} is in use by a live train.py run"):
             train.main(["--data", data, "--out-dir", str(run), *TRAIN_TINY, "--max-steps", "1"])
+    finally:
+        holder.kill()
+        holder.wait()
     assert not (run / "ckpt.pt").exists()
     train.main(["--data", data, "--out-dir", str(run), *TRAIN_TINY, "--max-steps", "1"])  # released: runs
     assert (run / "ckpt.pt").exists()
@@ -1473,6 +1475,374 @@ def test_gpu_resumes_a_cpu_checkpoint_with_fused_adamw(tmp_path):
     train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "4", "--precision", "fp32"])  # fused
     ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 4 and ckpt["optimizer"]["param_groups"][0]["fused"]
+
+
+# =============================================================================================
+# issue 19: reliability, second round (prepare_latents across ranks, evaluate.py on real-size inputs, locks)
+
+
+def hold_lock(path):
+    """Another process holding the lock that ddt.lock_file takes on `path` (a POSIX record lock), as a live run
+    does; kill it to let go."""
+    code = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\ntime.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def start_ranks(tmp_path, name, driver, *args):
+    """Two ranks started by hand, as srun starts them (no torchrun to end the others when one exits): a list of
+    (process, log file)."""
+    import socket
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ranks = []
+    for r in range(2):
+        log = tmp_path / f"{name}{r}.log"
+        with open(log, "w") as f:
+            ranks.append((subprocess.Popen([sys.executable, str(driver), *map(str, args)], cwd=HERE, stdout=f,
+                                           stderr=subprocess.STDOUT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}),
+                          log))
+    return ranks
+
+
+def end_all(ranks):
+    for proc, _ in ranks:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def prepare_driver(tmp_path, patch=""):
+    """A driver running prepare_latents.main after `patch` (Python; `rank` is set), writing its pid to TMP/pidRANK."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import os, sys, time\nsys.path.insert(0, {HERE!r})\nimport prepare_latents\n"
+                      f"rank = os.environ['RANK']\n{patch}\n"
+                      f"open(os.path.join({str(tmp_path)!r}, 'pid' + rank), 'w').write(str(os.getpid()))\n"
+                      f"prepare_latents.main(sys.argv[1:])\n")
+    return driver
+
+
+def test_prepare_latents_a_rank_stopped_or_killed_ends_every_rank(tmp_path, monkeypatch):
+    # SIGUSR1 to rank 1 alone: both ranks stop after the same batch, with status 75 (rank 0 used to poll forever
+    # for rank 1's chunks); then rank 1 killed outright: rank 0 ends too; a rerun finishes what both left
+    slow = "encode = prepare_latents.encode_batch\n" \
+           "prepare_latents.encode_batch = lambda *a, **k: time.sleep(0.1) or encode(*a, **k)\n"
+    driver = prepare_driver(tmp_path, slow)
+    out, progress = tmp_path / "toy", tmp_path / "toy" / ".progress"
+    args = ["--toy", "--out", out, "--chunk-size", 100, "--batch-size", 50]
+    for name, sig in (("stop", signal.SIGUSR1), ("kill", signal.SIGKILL)):
+        for f in ("pid0", "pid1"):
+            (tmp_path / f).unlink(missing_ok=True)
+        before = len(os.listdir(progress)) if progress.exists() else 0
+        ranks = start_ranks(tmp_path, name, driver, *args)
+        try:
+            wait_until(lambda: (tmp_path / "pid1").exists() and progress.exists()
+                       and len(os.listdir(progress)) >= before + 2, ranks[0][0])
+            os.kill(int((tmp_path / "pid1").read_text()), sig)
+            (rc0, out0), (rc1, out1) = (finished(proc, log, timeout=60) for proc, log in ranks)
+        finally:
+            end_all(ranks)
+        if sig == signal.SIGUSR1:
+            assert rc0 == rc1 == ddt.EXIT_STOPPED and "Traceback" not in out0 + out1, out0 + out1
+            assert "stopped by SIGUSR1: the finished chunks are kept" in out0
+        else:
+            assert rc1 == -signal.SIGKILL and rc0 not in (0, ddt.EXIT_STOPPED), out0  # ended, not left waiting
+        assert not (out / "meta.json").exists() and len(os.listdir(progress)) < 50
+    run_prepare(monkeypatch, *args)  # one process resumes what the two ranks left
+    run_prepare(monkeypatch, *args[:2], tmp_path / "ref", *args[3:])
+    assert_same(tmp_path / "ref", out)
+
+
+def test_prepare_latents_rank_0_waits_for_other_ranks_chunks_a_bounded_time(tmp_path, monkeypatch):
+    # rank 0 of two, whose rank 1 wrote nothing: once the ranks are done (here: at once), rank 0 gives up after
+    # PART_WAIT naming the missing chunks (it used to poll until a signal came, here after 10 s)
+    monkeypatch.setattr(prepare_latents, "PART_WAIT", 0.5)
+    data = [(i, torch.full((8, 8, 3), i, dtype=torch.uint8), "") for i in range(8)]
+    settings = {"format_version": 1, "source": "test", "count": 8, "files_sha1": "", "vae": "none",
+                "vae_precision": "fp32", "resolution": 8, "flip": False, "images": False, "chunk_size": 2}
+    import threading
+    received = []
+    timer = threading.Timer(10, received.append, [signal.SIGTERM])
+    timer.start()
+    try:
+        with pytest.raises(SystemExit, match=r"chunk\(s\) \[1, 3\] of the other ranks are still not in .* 0.5 s after"):
+            prepare_latents.write_dataset(str(tmp_path / "out"), data, np.zeros(8, np.int64), ["a"], settings,
+                                          num_workers=0, rank=0, world_size=2, received=received)
+    finally:
+        timer.cancel()
+    assert not received
+
+
+def test_prepare_latents_ranks_follow_rank_0s_listing_and_decision(tmp_path, monkeypatch):
+    # rank 1's view of the filesystem lags: it misses one image and, later, the finished dataset's meta.json.
+    # Rank 0 lists and decides for both, so the result is one process's, and the rerun ends on both ranks.
+    make_folder(tmp_path / "data")
+    lag = "if rank == '1':\n" \
+          "    walk, exists = os.walk, os.path.exists\n" \
+          "    os.walk = lambda *a, **k: ((d, ds, [f for f in fs if f != 'a.png']) for d, ds, fs in walk(*a, **k))\n" \
+          "    os.path.exists = lambda p: not str(p).endswith('meta.json') and exists(p)\n"
+    driver = prepare_driver(tmp_path, lag)
+    args = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--images", "--chunk-size", 2,
+            "--batch-size", 2, "--num-workers", 0]
+    for name in ("first", "again"):
+        ranks = start_ranks(tmp_path, name, driver, *args, "--out", tmp_path / "two")
+        try:
+            results = [finished(proc, log, timeout=120) for proc, log in ranks]
+        finally:
+            end_all(ranks)
+        assert [rc for rc, _ in results] == [0, 0], results
+    assert "already holds this dataset, complete; nothing to do" in results[0][1]
+    run_prepare(monkeypatch, *args, "--out", tmp_path / "one")
+    assert_same(tmp_path / "one", tmp_path / "two")
+
+
+def test_prepare_latents_rerun_of_a_stopped_overwrite_resumes(tmp_path, monkeypatch, capsys):
+    # the stop message says "rerun the same command"; with --overwrite in it, the rerun used to start again
+    make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--chunk-size", 2, "--batch-size",
+            2, "--num-workers", 0, "--out", out, "--overwrite"]
+    run_prepare(monkeypatch, *args[:-3], "--out", tmp_path / "ref")
+    encode, calls = prepare_latents.encode_batch, []
+
+    def counted(*a, **k):  # the shape probe, then one call per batch = per chunk; the 3rd: a SIGUSR1 arrives
+        calls.append(1)
+        if len(calls) == 3 and stopping:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return encode(*a, **k)
+
+    monkeypatch.setattr(prepare_latents, "encode_batch", counted)
+    stopping = False
+    run_prepare(monkeypatch, *args[:-1])  # a finished dataset
+    stopping, calls[:] = True, []
+    with pytest.raises(SystemExit) as e:  # --overwrite redoes it, and is stopped halfway
+        run_prepare(monkeypatch, *args)
+    assert e.value.code == ddt.EXIT_STOPPED and len(os.listdir(out / ".progress")) == 2
+    assert "stopped by SIGUSR1: the finished chunks are kept" in capsys.readouterr().out
+    stopping, calls[:] = False, []
+    run_prepare(monkeypatch, *args)  # the same command resumes: the probe and the 2 chunks left
+    assert len(calls) == 3 and "resuming it (2 of 4 chunks left)" in capsys.readouterr().out
+    assert_same(tmp_path / "ref", out)
+    calls.clear()
+    run_prepare(monkeypatch, *args)  # finished: --overwrite redoes it
+    assert len(calls) == 5
+
+
+def test_prepare_latents_killed_while_creating_its_files_then_rerun_recovers(tmp_path, monkeypatch):
+    make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--images", "--num-workers", 0]
+    run_prepare(monkeypatch, *args, "--out", tmp_path / "ref")
+    for module, name, n, extra in ((np.lib.format, "open_memmap", 2, []),  # making the arrays of a new dataset
+                                   (os, "remove", 3, ["--resolution", 16, "--overwrite"])):  # an --overwrite's clearing
+        real, calls = getattr(module, name), []
+
+        def dying(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt  # where a SIGKILL could land: nothing of ours runs after it
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, dying)
+        with pytest.raises(KeyboardInterrupt):
+            run_prepare(monkeypatch, *args, *extra, "--out", out)
+        monkeypatch.setattr(module, name, real)
+        assert not (out / "settings.json").exists()
+        run_prepare(monkeypatch, *args, "--out", out)  # the same command without --overwrite: recovers
+        assert_same(tmp_path / "ref", out)
+
+
+def children(pid):
+    """The pids of the processes whose parent is `pid` (from Linux's /proc)."""
+    found = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:  # ended meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the fields after "(command)": state, parent, ...
+            found.append(int(d))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the DataLoader workers in Linux's /proc")
+def test_train_lock_is_free_right_after_a_sigkill_though_its_workers_live_on(tmp_path):
+    # DataLoader workers forked after the lock was taken: killed with SIGKILL, the main process leaves them behind
+    # for a few seconds (here: stopped, as long as the test likes); they must not hold the lock
+    data = make_dataset(tmp_path / "data", n=64)
+    run = tmp_path / "run"
+    proc = start_script(tmp_path / "log", "train.py", "--data", data, "--out-dir", run, *TRAIN_TINY,
+                        "--max-steps", 100000, "--ckpt-every", 100000, "--num-workers", 2)
+    workers = []
+    try:
+        wait_until(lambda: (run / "log.jsonl").exists() and len(read_log(str(run))) >= 1, proc)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        proc.kill()
+        proc.wait()
+        assert all(os.path.exists(f"/proc/{pid}") for pid in workers)  # alive, holding what they inherited
+        lock = train.lock_out_dir(str(run))  # the rerun's lock, at once (it used to be "in use by a live run")
+        assert lock is not None
+        ddt.unlock(lock)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_second_sample_on_the_same_npz_is_refused(tmp_path, monkeypatch):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    npz, parts = tmp_path / "s.npz", tmp_path / "s_parts"
+    parts.mkdir()
+    in_flight = parts / "0000000_0000004_0123456789.npz.tmp999999"  # the live run's part being written
+    in_flight.write_bytes(b"half a part")
+    argv = ["--ckpt", ckpt, "--num-samples", 4, "--num-steps", 2, "--npz", npz]
+    holder = hold_lock(f"{npz}.lock")
+    try:
+        with pytest.raises(SystemExit, match=f"--npz {npz} is in use by a live sample.py run"):
+            cli(monkeypatch, *argv)
+        assert in_flight.exists()  # (it used to be deleted as a killed run's leftover)
+    finally:
+        holder.kill()
+        holder.wait()
+    cli(monkeypatch, *argv)  # the other run gone: this one runs, removes the leftover, and its lock file at the end
+    assert npz.exists() and not in_flight.exists() and not os.path.exists(f"{npz}.lock")
+
+
+class StubInception(torch.nn.Module):
+    """The Inception network's interface at small sizes, fast: pool (B, 64), spatial (B, 48), logits (B, 8),
+    a fixed projection of the pixels, offset by 1000 (as ill-conditioned as a variance gets for the sums)."""
+
+    def __init__(self, pixels):
+        super().__init__()
+        self.proj = torch.nn.Linear(pixels, 120)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.constant_(self.proj.bias, 1000.0)
+
+    def forward(self, x):  # uint8 (B, 3, H, W)
+        return self.proj(x.float().flatten(1) / 255).split([64, 48, 8], dim=1)
+
+
+class StubDino(StubInception):
+    pos_rule, embed_dim = "hub", 64
+
+    def tokens(self, x):  # (B, 3, 224, 224) -> (B, 1, 64)
+        return self.proj(F.interpolate(x, size=(8, 8), mode="area").flatten(1))[:, None, :64]
+
+
+def test_make_ref_streams_its_statistics_in_flat_memory_reading_each_image_once(tmp_path, monkeypatch):
+    import tracemalloc
+    stub = StubInception(8 * 8 * 3)
+    images = random_images(8192, 8, seed=4)
+    peaks = {}
+    for n in (2048, 8192):
+        np.savez(tmp_path / f"src{n}.npz", arr_0=images[:n])
+        tracemalloc.start()
+        arrays = evaluate.make_ref(str(tmp_path / f"src{n}.npz"), str(tmp_path / f"ref{n}.npz"), stub, num_images=16)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # the numpy memory it held at its peak does not grow with the images: 4 x more images, < 32 bytes more per
+    # added image (the row lists); holding the features (64 + 48 + 8 floats an image) and np.cov's float64 copies,
+    # as it did, took ~1 KB per image
+    assert peaks[8192] - peaks[2048] < 32 * 6144, peaks
+    pool, spatial, _ = evaluate.inception_features(stub, images)
+    for key, feats in (("", pool), ("_s", spatial)):  # np.cov's numbers, despite the offset of 1000
+        mu, sigma = np.mean(feats.astype(np.float64), 0), np.cov(feats, rowvar=False)
+        assert np.allclose(arrays["mu" + key], mu, rtol=1e-12) and np.allclose(arrays["sigma" + key], sigma, rtol=1e-8)
+    keep = np.sort(np.random.default_rng(0).choice(8192, 16, replace=False))
+    assert np.array_equal(arrays["arr_0"], images[keep])
+    # an image folder with --dino: each file is read once (it used to be three times: Inception, DINOv2, arr_0)
+    (tmp_path / "folder").mkdir()
+    for i, im in enumerate(images[:6]):
+        Image.fromarray(im).save(tmp_path / "folder" / f"{i}.png")
+    opened, real_open = [], evaluate.Image.open
+    monkeypatch.setattr(evaluate.Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    arrays = evaluate.make_ref(str(tmp_path / "folder"), str(tmp_path / "f.npz"), stub, StubDino(8 * 8 * 3),
+                               resolution=8, num_images=4)
+    assert sorted(opened) == sorted(str(tmp_path / "folder" / f"{i}.png") for i in range(6))
+    assert arrays["mu_dinov2"].shape == (64,) and arrays["arr_0"].shape == (4, 8, 8, 3)
+
+
+def test_make_ref_refuses_an_unfinished_or_imageless_dataset(tmp_path, monkeypatch):
+    make_folder(tmp_path / "data")
+    base = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--num-workers", 0]
+    run_prepare(monkeypatch, *base, "--out", tmp_path / "no_images")
+    run_prepare(monkeypatch, *base, "--images", "--out", tmp_path / "cut")
+    os.remove(tmp_path / "cut" / "meta.json")  # as a stopped run leaves it
+    stub = StubInception(16 * 16 * 3)
+    with pytest.raises(ValueError, match="cut: a prepare_latents.py dataset without meta.json, so unfinished"):
+        evaluate.make_ref(str(tmp_path / "cut"), str(tmp_path / "r.npz"), stub)
+    with pytest.raises(ValueError, match="no_images: this prepare_latents.py dataset has no images .* --images"):
+        evaluate.make_ref(str(tmp_path / "no_images"), str(tmp_path / "r.npz"), stub)
+
+
+def test_evaluate_bad_input_is_refused_before_any_feature(tmp_path, monkeypatch, capsys, inception_file):
+    def no_features(*a):
+        raise AssertionError("a feature was computed")
+    monkeypatch.setattr(evaluate, "inception_batch", no_features)
+    monkeypatch.setattr(evaluate, "dino_batch", no_features)
+    good = random_images(4, 16)
+    np.savez(tmp_path / "ref.npz", arr_0=good)
+    np.savez(tmp_path / "empty.npz", arr_0=good[:0])
+    np.savez(tmp_path / "three.npz", arr_0=good[:3])
+    np.savez(tmp_path / "bad_mu.npz", arr_0=good, mu=np.zeros(10), sigma=np.eye(10), mu_s=np.zeros(3),
+             sigma_s=np.eye(3))
+    np.savez(tmp_path / "bad_dino.npz", arr_0=good, mu_dinov2=np.zeros(768), sigma_dinov2=np.eye(768))
+    np.savez(tmp_path / "nan_dino.npz", arr_0=good, mu_dinov2=np.zeros(64), sigma_dinov2=np.full((64, 64), np.nan))
+    for ref, samples, match in (("ref", "empty", "empty.npz has 0 images"), ("three", "ref", "three.npz has 3 images"),
+                                ("ref", "bad_mu", r"bad_mu.npz: mu is \(10,\), but the 2048-d features of Inception"),
+                                ("bad_dino", "ref", r"bad_dino.npz: mu_dinov2 is \(768,\), but the 64-d features of "
+                                                    r"the --dino network need \(64,\)"),
+                                ("nan_dino", "ref", "nan_dino.npz: sigma_dinov2 is not finite")):
+        with pytest.raises(ValueError, match=match):
+            evaluate.evaluate(str(tmp_path / f"{ref}.npz"), str(tmp_path / f"{samples}.npz"), None, StubDino(8))
+    with pytest.raises(ValueError, match=r"--resolution 32: .*ref.npz holds 16x16 images"):
+        evaluate.make_ref(str(tmp_path / "ref.npz"), str(tmp_path / "r.npz"), None, resolution=32)
+    # the command line: outputs' folders and flags before the weights are even loaded (there are none here)
+    for argv, match in ((["--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "no" / "r.npz"], "--out .*no/r.npz: folder"),
+                        ([tmp_path / "ref.npz", tmp_path / "ref.npz", "--json", tmp_path / "no" / "m.json"], "--json .*: folder"),
+                        (["--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "r.npz", "--num-images", 2], None),
+                        ([tmp_path / "ref.npz", tmp_path / "ref.npz", "--resolution", 64], None)):
+        with pytest.raises(SystemExit, match=match):
+            evaluate_cli(monkeypatch, *argv, "--inception", tmp_path / "none.pth")
+    err = capsys.readouterr().err
+    assert "--num-images must be at least 4" in err and "--resolution goes with --make-ref" in err
+    # DINOv2 weights other than ViT-L/14: a warning; a killed --make-ref's temporary file goes; one run per --out
+    (tmp_path / "r.npz.tmp99999").write_bytes(b"what a killed --make-ref left")
+    with pytest.raises(SystemExit, match="three.npz has 3 images"):
+        evaluate_cli(monkeypatch, "--make-ref", tmp_path / "three.npz", "--out", tmp_path / "r.npz", "--inception",
+                     inception_file, "--dino", DINO_WEIGHTS)
+    assert "not the ViT-L/14 (1024, 24) that FD_DINOv2 is defined on" in capsys.readouterr().err
+    assert not (tmp_path / "r.npz.tmp99999").exists() and not (tmp_path / "r.npz.lock").exists()
+    holder = hold_lock(tmp_path / "r.npz.lock")
+    try:
+        with pytest.raises(SystemExit, match="--out .*r.npz is in use by a live evaluate.py --make-ref run"):
+            evaluate_cli(monkeypatch, "--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "r.npz", "--inception",
+                         inception_file)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_pairwise_distances_checks_finite_after_the_clamp_as_tf():
+    # |u|^2 = 32761 fits float16, 2 u.v = 65522 does not: -inf, which TF's max with 0 turns into 0 before its
+    # is_finite check, so the block stays float16 (it used to switch to float32: 32364.1 instead of 32368)
+    U, V = torch.tensor([[181.0, 0.0]]), torch.tensor([[181.0, 0.0], [1.1, 0.3]])
+    d = evaluate.pairwise_distances(U, V)
+    assert d.tolist() == [[0.0, 32368.0]]
+
 
 
 # =============================================================================================
@@ -1714,6 +2084,7 @@ def test_make_ref_round_trip(tmp_path, monkeypatch, capsys, inception_file, ince
     data.mkdir()
     np.save(data / "images.npy", np.concatenate([crops, crops[:1] * 0]))
     np.save(data / "valid.npy", np.array([True] * 5 + [False]))
+    (data / "meta.json").write_text(json.dumps({"has_images": True}))  # a finished dataset
     evaluate_cli(monkeypatch, "--make-ref", data, "--out", tmp_path / "ref2.npz", "--inception", inception_file,
                  "--num-images", 4, "--seed", 1)
     with np.load(tmp_path / "ref2.npz") as f:

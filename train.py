@@ -17,8 +17,6 @@ per folder: rank 0 holds an OS lock on OUT/train.lock while it runs (released by
 
 import argparse
 import copy
-import errno
-import fcntl
 import glob
 import json
 import math
@@ -175,25 +173,15 @@ def add_model_args(p, default):
 
 
 def lock_out_dir(out_dir):
-    """Rank 0's lock on OUT/train.lock (flock), held while the returned file stays open; the OS drops it when
-    the process ends, also by a crash or SIGKILL, so no stale lock is ever left behind. With the lock, the
-    temporary files that a killed run's atomic writes left are removed."""
+    """Rank 0's lock on OUT/train.lock (ddt.lock_file), held while the returned file stays open. With the lock,
+    the temporary files that a killed run's atomic writes left are removed."""
     os.makedirs(out_dir, exist_ok=True)
-    f = open(os.path.join(out_dir, "train.lock"), "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        f.close()
-        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-            raise SystemExit(f"--out-dir {out_dir} is in use by a live train.py run (it holds "
-                             f"{os.path.join(out_dir, 'train.lock')}); wait for it to end, or use another "
-                             f"--out-dir") from None
-        print(f"warning: cannot lock --out-dir {out_dir} ({e}; a filesystem without flock?): nothing stops a "
-              f"second run from writing to the same folder")
-        return None
-    d = glob.escape(out_dir)  # the lock is ours: leftovers of train.py's own files are a killed run's (not a
-    # sample.py's reading this folder, which writes its own)
-    ddt.remove_stale_tmp(os.path.join(d, "ckpt*.pt"), os.path.join(d, "log.jsonl"), os.path.join(d, "samples", "*.png"))
+    f = ddt.lock_file(os.path.join(out_dir, "train.lock"), "--out-dir", out_dir, "train.py")
+    if f is not None:
+        d = glob.escape(out_dir)  # the lock is ours: leftovers of train.py's own files are a killed run's (not a
+        # sample.py's reading this folder, which writes its own)
+        ddt.remove_stale_tmp(os.path.join(d, "ckpt*.pt"), os.path.join(d, "log.jsonl"),
+                             os.path.join(d, "samples", "*.png"))
     return f
 
 
