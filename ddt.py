@@ -29,6 +29,7 @@ the SD-VAE (AutoencoderKL, with a tiny safetensors reader), the DINOv2 teacher f
 distributed set-up and stop-on-signal helpers shared by the scripts.
 """
 
+import argparse
 import datetime
 import errno
 import fcntl
@@ -928,6 +929,21 @@ def load_dino(path, pos_rule="repa"):
                          f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(sd, strict=True)
     return model.float().eval().requires_grad_(False)
+
+
+# ===============================================================================================
+# command lines: every script's --help lists each flag's default
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, but silent where there is no default to tell (None, False) or
+    where the help already states it; the description keeps its line breaks."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in help:
+            return help
+        return (help + " " if help else "") + "(default: %(default)s)"
 
 
 # ===============================================================================================

@@ -644,7 +644,8 @@ def make_ref(source, out, inception, dino=None, resolution=None, num_images=1000
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall (the ADM evaluator) and FD_DINOv2.")
+    p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall (the ADM evaluator) and FD_DINOv2.",
+                                formatter_class=ddt.HelpFormatter)
     p.add_argument("ref", nargs="?", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("samples", nargs="?", help="samples .npz (arr_0 uint8 (N, H, W, 3), e.g. from sample.py --npz)")
     p.add_argument("--inception", required=True, help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth "

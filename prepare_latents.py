@@ -393,7 +393,8 @@ def decided_by_rank0(rank, fn, *args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Encode an image folder (or the toy set) into a nanoDDT dataset.")
+    p = argparse.ArgumentParser(description="Encode an image folder (or the toy set) into a nanoDDT dataset.",
+                                formatter_class=ddt.HelpFormatter)
     p.add_argument("--data-path", help="class-per-subfolder image tree (ImageNet train/ layout)")
     p.add_argument("--toy", action="store_true", help="write the built-in toy set (pixel space, 32 px, 5000 images)")
     p.add_argument("--out", required=True, help="output dataset directory")
