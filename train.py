@@ -1,10 +1,18 @@
 """
-Train a DDT with linear flow matching and REPA, as in the paper, from one CPU process to many GPUs.
+Train a DDT (or its baseline, the improved DiT) with linear flow matching and REPA, as in the paper, from one CPU
+process to many GPUs.
 
     python prepare_latents.py --toy --out data/toy                  # built-in toy set, pixel space
+    python prepare_latents.py --toy --split val --out data/toy_val  # its held-out images
     python train.py --data data/toy --out-dir runs/toy --model DDT-Toy/4 --global-batch-size 64 --lr 2e-3 \\
-        --max-steps 1500 --ckpt-every 250
+        --max-steps 1500 --ckpt-every 250 --val-data data/toy_val
+    python train.py --data data/toy --out-dir runs/toy --val-data data/toy_val --eval-only   # val loss of ckpt.pt
     torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
+    torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/idit-xl --model iDiT-XL/2 \\
+        --dino dinov2_vitb14_pretrain.pth                           # the paper's baseline: DDT without a decoder
+
+With --val-data, the validation loss (val_loss below: a deterministic flow-matching loss on held-out images) of
+the raw and the EMA weights goes to the log every --val-every steps (default: at each checkpoint).
 
 Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU (on GPUs up to the kernels that are
 not deterministic): every random draw of step s (data order, t, noise, class dropout, flips) is seeded by
