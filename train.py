@@ -143,7 +143,8 @@ class ValSet:
             raise SystemExit(f"--val-data {val_dir} does not match --data {train_dir}: {'; '.join(diff)}. Make the "
                              f"val set with prepare_latents.py from held-out images of the same classes, with the "
                              f"same --vae and --resolution")
-        order = np.random.default_rng(0).permutation(np.flatnonzero(np.load(os.path.join(val_dir, "valid.npy"))))
+        valid = np.flatnonzero(np.load(os.path.join(val_dir, "valid.npy")))
+        order = np.random.default_rng(0).permutation(valid)  # seed 0, not --seed: every run scores the same images
         size = len(order) if size is None else size
         if not len(VAL_TIMES) <= size <= len(order):
             raise SystemExit(f"--val-size {size}: must be between {len(VAL_TIMES)} (one image per time of the grid) "
@@ -164,8 +165,8 @@ def val_loss(model, val, device, autocast=nullcontext()):
     from a generator seeded by (its row in the dataset, the time's index); the loss is training's
     |v(t x + (1 - t) noise, t, y) - (x - noise)|^2, mean over the latent, without the REPA term. The forward
     passes take fixed chunks of VAL_CHUNK images, chunk c on rank c % world, and one all-reduce collects
-    the per-image losses (float64): the same number for any world size and training batch size, bit-exact on
-    the CPU. Under torchrun a collective: every rank calls it."""
+    the per-image losses (float64): the same number for any world size, whatever batch size the run trains
+    with, bit-exact on the CPU. Under torchrun a collective: every rank calls it."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     T, n = len(VAL_TIMES), len(val.rows)
     losses = torch.zeros(n, dtype=torch.float64, device=device)
