@@ -12,6 +12,10 @@ What differs from DiT: two patch embeddings (encoder and decoder); per-block rec
 (RMSNorm, q/k RMSNorm, 2-D RoPE, SwiGLU, adaLN without zero-init and without SiLU inside); the decoder
 and the final layer are modulated per token by z instead of one vector per image; linear flow matching.
 
+The paper's baseline, the "improved DiT" (SiT/REPA with the same blocks; `improved_dit.DiT` of the released
+code), is the same class with the decoder switched off, DDTConfig(decoder_depth=0): one patch embedding
+(`x_embedder`), all blocks modulated per image by c, the final layer modulated by c, no z (presets iDiT-*).
+
 Conventions (the released code never states them, and they differ from DiT/SiT/REPA):
     +------------------------------------------------------------------------------------------+
     | t = 0 is noise, t = 1 is data:  x_t = t * x + (1 - t) * eps,  target v = x - eps          |
@@ -226,11 +230,13 @@ class DDT(nn.Module):
         self.cfg = cfg
         D, p, C = cfg.hidden_size, cfg.patch_size, cfg.in_channels
         assert D % cfg.num_heads == 0 and (D // cfg.num_heads) % 4 == 0, "head dim must be a multiple of 4"
-        self.s_embedder = PatchEmbed(C * p * p, D)  # encoder input
-        self.x_embedder = PatchEmbed(C * p * p, D)  # decoder input
+        if cfg.decoder_depth:  # DDT's encoder has a patch embedding of its own
+            self.s_embedder = PatchEmbed(C * p * p, D)  # encoder input
+        self.x_embedder = PatchEmbed(C * p * p, D)  # decoder input; the improved DiT's only one
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         # one flat list as released: the first encoder_depth blocks are the encoder, the rest the decoder
+        # (the improved DiT: encoder_depth blocks, no decoder)
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio)
                                     for _ in range(cfg.encoder_depth + cfg.decoder_depth))
         self.final_layer = FinalLayer(D, C * p * p)
@@ -239,7 +245,7 @@ class DDT(nn.Module):
 
     def initialize_weights(self):
         # as released: everything inside the blocks keeps PyTorch's default init (unlike DiT's adaLN-zero)
-        for emb in (self.s_embedder, self.x_embedder):
+        for emb in (m for m in self.modules() if isinstance(m, PatchEmbed)):  # s_embedder (DDT), x_embedder
             nn.init.xavier_uniform_(emb.proj.weight)
             nn.init.zeros_(emb.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
@@ -265,18 +271,27 @@ class DDT(nn.Module):
             raise ValueError(f"DDT expects (B, {self.cfg.in_channels}, H, W) with H, W divisible by {p}, "
                              f"got {tuple(x.shape)}")
 
-    def encode(self, x, t, y, repa_layer=None):
-        # noisy latent, time, class -> self-condition z (B, N, D) [and the hidden state after block repa_layer]
+    def _encoder(self, x, t, y, repa_layer):
+        # the first encoder_depth blocks on the embedded x, modulated per image by c = silu(t_emb + y_emb):
+        # -> their output s (B, N, D), t_emb (B, 1, D), c (B, 1, D), h (the output of block repa_layer, or None)
         self._check(x)
         rope = self.rope(x.shape[2], x.shape[3], x.device)
         t_emb = self.t_embedder(t)[:, None]  # (B, 1, D)
         c = F.silu(t_emb + self.y_embedder.embedding_table(y)[:, None])  # (B, 1, D)
-        s = self.s_embedder.proj(patchify(x, self.cfg.patch_size))  # (B, N, D)
+        embedder = self.s_embedder if self.cfg.decoder_depth else self.x_embedder
+        s = embedder.proj(patchify(x, self.cfg.patch_size))  # (B, N, D)
         h = None
         for i, block in enumerate(self.blocks[: self.cfg.encoder_depth]):
             s = block(s, c, rope)  # (B, N, D)
             if i + 1 == repa_layer:
                 h = s
+        return s, t_emb, c, h
+
+    def encode(self, x, t, y, repa_layer=None):
+        # noisy latent, time, class -> self-condition z (B, N, D) [and the hidden state after block repa_layer]
+        if not self.cfg.decoder_depth:
+            raise ValueError("an improved DiT (decoder_depth=0) has no encoder/decoder split: it makes no z")
+        s, t_emb, _, h = self._encoder(x, t, y, repa_layer)
         z = F.silu(t_emb + s)  # (B, N, D)
         return z if repa_layer is None else (z, h)
 
@@ -292,13 +307,20 @@ class DDT(nn.Module):
 
     def forward(self, x, t, y, z=None, repa_layer=None):
         """(v, z), or (v, z, h) with repa_layer = k: h is the output of encoder block k (1-based).
-        Given z (from an earlier step), the encoder is skipped."""
+        Given z (from an earlier step), the encoder is skipped. The improved DiT returns z = None."""
         h = None
-        if z is None:
-            z = self.encode(x, t, y, repa_layer)
-            if repa_layer is not None:
-                z, h = z
-        v = self.decode(x, t, z)
+        if not self.cfg.decoder_depth:  # the improved DiT, the paper's baseline: the blocks' output goes to the
+            # final layer, modulated by c. What DDT adds (below): z from that output, and a decoder modulated by z
+            if z is not None:
+                raise ValueError("an improved DiT (decoder_depth=0) has no z to reuse: encoder sharing needs a DDT")
+            s, _, c, h = self._encoder(x, t, y, repa_layer)
+            v = unpatchify(self.final_layer(s, c), self.cfg.patch_size, x.shape[2], x.shape[3])  # (B, C, H, W)
+        else:
+            if z is None:
+                z = self.encode(x, t, y, repa_layer)
+                if repa_layer is not None:
+                    z, h = z
+            v = self.decode(x, t, z)
         return (v, z) if repa_layer is None else (v, z, h)
 
 
@@ -310,6 +332,13 @@ PRESETS = {
     "DDT-B/2": DDTConfig(hidden_size=768, num_heads=12, encoder_depth=8, decoder_depth=4),  # 12 blocks, 130M
     "DDT-L/2": DDTConfig(hidden_size=1024, num_heads=16, encoder_depth=20, decoder_depth=4),  # 24 blocks, 458M
     "DDT-XL/2": DDTConfig(hidden_size=1152, num_heads=16, encoder_depth=22, decoder_depth=6),  # 28 blocks, 675M
+    # the paper's baselines, the improved DiT (SiT/REPA with the same blocks): DDT without a decoder
+    "iDiT-Toy/4": DDTConfig(in_channels=3, patch_size=4, hidden_size=96, num_heads=4, encoder_depth=6, decoder_depth=0,
+                            num_classes=10),  # 6 blocks, 1.1M
+    "iDiT-S/2": DDTConfig(hidden_size=384, num_heads=6, encoder_depth=12, decoder_depth=0),  # 12 blocks, 33M
+    "iDiT-B/2": DDTConfig(hidden_size=768, num_heads=12, encoder_depth=12, decoder_depth=0),  # 12 blocks, 130M
+    "iDiT-L/2": DDTConfig(hidden_size=1024, num_heads=16, encoder_depth=24, decoder_depth=0),  # 24 blocks, 458M
+    "iDiT-XL/2": DDTConfig(hidden_size=1152, num_heads=16, encoder_depth=28, decoder_depth=0),  # 28 blocks, 675M
 }
 
 
@@ -431,14 +460,16 @@ def load_checkpoint(path, allow_pickle=False):
 
 
 def infer_config(sd):
-    """What the weights say about the architecture. Not readable from them: the encoder/decoder split, and
-    channels vs patch size (only C * p * p is)."""
+    """What the weights say about the architecture, including whether it is an improved DiT (one patch
+    embedding). Not readable from them: a DDT's encoder/decoder split, and channels vs patch size (only C * p * p
+    is)."""
     try:
         D, patch_dim = sd["x_embedder.proj.weight"].shape
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
         d = sd["blocks.0.attn.q_norm.weight"].shape[0]
         return dict(hidden_size=D, num_heads=D // d, depth=depth, patch_dim=patch_dim,
-                    num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+                    num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+                    improved_dit="s_embedder.proj.weight" not in sd)  # one patch embedding: no decoder
     except (KeyError, ValueError, ZeroDivisionError):
         return None
 
@@ -460,20 +491,23 @@ def check_state_dict(model, sd, source):
     info = infer_config(sd)
     if info:
         fits = [n for n, c in PRESETS.items() if c.hidden_size == info["hidden_size"]
-                and c.encoder_depth + c.decoder_depth == info["depth"]]
+                and c.encoder_depth + c.decoder_depth == info["depth"]
+                and (c.decoder_depth == 0) == info["improved_dit"]]
+        kind = ("an improved DiT (one patch embedding: decoder_depth 0)" if info["improved_dit"] else
+                "a DDT; the encoder/decoder split cannot be read from the weights: pick the preset that has it")
         lines.append(f"  the weights have hidden size {info['hidden_size']}, {info['num_heads']} heads, "
                      f"{info['depth']} blocks, channels x patch^2 = {info['patch_dim']}, {info['num_classes']} "
-                     f"classes" + (f": preset {', '.join(fits)} fits" if fits else "") + "; the encoder/decoder "
-                     "split cannot be read from the weights: pick the preset that has it (--model; train.py "
-                     "also takes --encoder-depth and --decoder-depth)")
+                     f"classes" + (f": preset {', '.join(fits)} fits" if fits else "") + f"; {kind} (--model; "
+                     "train.py also takes --encoder-depth and --decoder-depth)")
     raise CheckpointError("\n".join(lines))
 
 
 def load_ddt(path, config=None, ema=True, allow_pickle=False, ckpt=None):
-    """A DDT from (a) this project's checkpoints (config inside; `ema` picks the EMA weights) or (b) the
-    released Lightning checkpoints (`state_dict` with `ema_denoiser.` / `denoiser.` prefixes), which need
-    `config`: a DDTConfig or a preset name. Strict: any mismatch raises CheckpointError. `ckpt`: the
-    contents of `path` if already read with load_checkpoint (a released file is several GB)."""
+    """A DDT or an improved DiT from (a) this project's checkpoints (config inside; `ema` picks the EMA weights)
+    or (b) the released Lightning checkpoints of either (`state_dict` with `ema_denoiser.` / `denoiser.`
+    prefixes), which need `config`: a DDTConfig or a preset name (DDT-XL/2, iDiT-XL/2, ...). Strict: any
+    mismatch raises CheckpointError. `ckpt`: the contents of `path` if already read with load_checkpoint (a
+    released file is several GB)."""
     ckpt = load_checkpoint(path, allow_pickle) if ckpt is None else ckpt
     if isinstance(config, str):
         if config not in PRESETS:
@@ -492,7 +526,8 @@ def load_ddt(path, config=None, ema=True, allow_pickle=False, ckpt=None):
             raise CheckpointError(f"'{path}' has no '{prefix}*' weights in its state_dict")
         if config is None:
             raise CheckpointError(f"'{path}' is a released checkpoint without a stored config: name the preset "
-                                  f"(--model DDT-XL/2) or pass a DDTConfig; weights: {infer_config(sd)}")
+                                  f"(--model DDT-XL/2, iDiT-XL/2, ...) or pass a DDTConfig; weights: "
+                                  f"{infer_config(sd)}")
     else:
         raise CheckpointError(f"'{path}' is neither a nanoDDT checkpoint (keys 'config', 'model') nor a released "
                               f"Lightning checkpoint (key 'state_dict')")

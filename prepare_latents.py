@@ -10,8 +10,10 @@ mask, optionally the cropped pixels (for REPA), and meta.json.
     python prepare_latents.py --data-path /data/imagenet/train --vae /ckpt/sd-vae-ft-ema --out data/in256
     # pixel space: the "latent" is the image in [-1, 1] with std 0
     python prepare_latents.py --data-path my_images/ --vae none --resolution 64 --images --out data/px64
-    # the built-in toy set (10 bold shape/pattern classes, 32 x 32, 5000 images) for the CPU quick start
+    # the built-in toy set (10 bold shape/pattern classes, 32 x 32, 5000 images) for the CPU quick start, and its
+    # held-out split for train.py --val-data (1000 other seeded images of the same classes)
     python prepare_latents.py --toy --out data/toy
+    python prepare_latents.py --toy --split val --out data/toy_val
 
 OUT/latents.npy       float16 (N, 2, C, h, w): [:, 0] posterior mean, [:, 1] std (unscaled latents)
 OUT/latents_flip.npy  the same for the horizontally flipped images (--flip; off in the paper)
@@ -58,6 +60,7 @@ TOY_CLASSES = {"red_disk": (230, 30, 30), "blue_square": (40, 80, 250), "green_t
                "yellow_cross": (245, 225, 30), "magenta_ring": (235, 40, 225), "cyan_diamond": (30, 225, 235),
                "orange_x": (255, 140, 0), "horizontal_stripes": (240, 240, 240),
                "vertical_stripes": (165, 80, 255), "checkerboard": (255, 140, 185)}  # name: RGB colour
+TOY_SPLITS = {"train": (500, 0), "val": (100, 1)}  # --split: images per class, seed of make_toy_images
 
 
 def center_crop_arr(pil_image, image_size):
@@ -397,6 +400,8 @@ def parse_args(argv=None):
                                 formatter_class=ddt.HelpFormatter)
     p.add_argument("--data-path", help="class-per-subfolder image tree (ImageNet train/ layout)")
     p.add_argument("--toy", action="store_true", help="write the built-in toy set (pixel space, 32 px, 5000 images)")
+    p.add_argument("--split", choices=list(TOY_SPLITS), default="train",
+                   help="with --toy: `val` writes the held-out split instead (1000 other seeded images)")
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument("--vae", help="VAE for ddt.load_vae (a diffusers AutoencoderKL folder or file), or 'none' "
                                  "for pixel space; required with --data-path, 'none' by default with --toy")
@@ -416,6 +421,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.toy == (args.data_path is not None):
         p.error("give exactly one of --data-path DIR and --toy")
+    if args.split != "train" and not args.toy:
+        p.error("--split is for --toy; for your own images, run prepare_latents.py on a folder of held-out images")
     if args.vae is None and not args.toy:
         p.error("--vae is required with --data-path (a VAE folder or file, or 'none' for pixel space)")
     if min(args.batch_size, args.chunk_size) < 1 or args.num_workers < 0:
@@ -430,7 +437,8 @@ def main(argv=None):
     rank, _, world_size, device = ddt.setup_dist()
     try:
         if args.toy:
-            images, labels, class_names = make_toy_images(size=args.resolution)
+            n_per_class, seed = TOY_SPLITS[args.split]
+            images, labels, class_names = make_toy_images(n_per_class, args.resolution, seed)
             dataset, files, source = [(i, torch.from_numpy(im), "") for i, im in enumerate(images)], None, "toy"
             fingerprint = hashlib.sha1(images.tobytes()).hexdigest()
             args.images, args.num_workers = True, 0

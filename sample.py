@@ -441,6 +441,9 @@ def run(args, rank, world, device, received):
         vae = None if pixel else ddt.load_vae(args.vae).to(device)
     except (OSError, ValueError) as e:  # ddt.CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
+    if args.encoder_steps is not None and not model.cfg.decoder_depth:
+        raise SystemExit(f"error: --encoder-steps: '{args.ckpt}' is an improved DiT (decoder_depth 0): it has no "
+                         f"encoder/decoder split, so there is no z to share; leave --encoder-steps out")
     if world > 1:  # a checkpoint rewritten while the ranks read it would mix two models in one .npz
         digests = [None] * world
         dist.all_gather_object(digests, digest)

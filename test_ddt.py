@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -1086,6 +1086,194 @@ def test_train_ddp_two_ranks_stay_identical(tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["step"] == 4
     assert len(read_log(run)) == 2
+
+
+# =============================================================================================
+# the improved DiT (DDTConfig(decoder_depth=0), the paper's baseline) and train.py's validation loss
+
+IDIT_TINY = DDTConfig(in_channels=4, patch_size=2, hidden_size=32, num_heads=2, encoder_depth=4, decoder_depth=0,
+                      num_classes=10)  # the config of testdata/idit_official_tiny.ckpt
+IDIT_CKPT = os.path.join(TESTDATA, "idit_official_tiny.ckpt")
+
+
+@pytest.fixture(scope="module")
+def golden_idit():
+    return torch.load(os.path.join(TESTDATA, "idit_official_tiny_io.pt"), weights_only=True)
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["square", "non-square"])
+def test_idit_golden_parity(golden_idit, case):
+    model = load_ddt(IDIT_CKPT, IDIT_TINY)  # the released layout, strictly
+    g = golden_idit["cases"][case]
+    with torch.no_grad():
+        v, z = model(g["x"], g["t"], g["y"])
+        v2, _, h = model(g["x"], g["t"], g["y"], repa_layer=2)  # the released REPA hook sat on block 2's output
+    assert z is None and rel_err(v, g["v"]) < 1e-5 and torch.equal(v2, v) and rel_err(h, g["h"]) < 1e-5
+
+
+def test_idit_is_the_ddt_without_its_decoder(golden_idit):
+    model = load_ddt(IDIT_CKPT, IDIT_TINY)
+    assert {k.split(".")[0] for k in model.state_dict()} == {"x_embedder", "t_embedder", "y_embedder", "blocks",
+                                                             "final_layer"}  # the released names, no s_embedder
+    g = golden_idit["cases"][0]
+    with torch.no_grad():
+        raw = load_ddt(IDIT_CKPT, IDIT_TINY, ema=False)
+        assert rel_err(raw(g["x"], g["t"], g["y"])[0], g["v"]) > 1e-3  # the golden outputs are the EMA weights'
+        with pytest.raises(ValueError, match="no z to reuse"):
+            model(g["x"], g["t"], g["y"], z=torch.zeros(2, 16, 32))
+        with pytest.raises(ValueError, match="improved DiT"):
+            model.encode(g["x"], g["t"], g["y"])
+        assert torch.equal(DDT(IDIT_TINY)(g["x"], g["t"], g["y"])[0], torch.zeros_like(g["x"]))  # released init
+    with pytest.raises(CheckpointError, match="an improved DiT"):  # iDiT weights, a DDT config
+        load_ddt(IDIT_CKPT, TINY)
+    with pytest.raises(CheckpointError, match="(?s)unexpected.*s_embedder.*a DDT"):  # DDT weights, an iDiT config
+        load_ddt(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), replace(IDIT_TINY, encoder_depth=6))
+    with torch.device("meta"):  # the hint names the preset that fits
+        weights, ddt_s = DDT(PRESETS["iDiT-S/2"]).state_dict(), DDT(PRESETS["DDT-S/2"])
+    with pytest.raises(CheckpointError, match="preset iDiT-S/2 fits"):
+        ddt.check_state_dict(ddt_s, weights, "released_idit_s.ckpt")
+
+
+def test_idit_presets_parameter_counts_and_flops():
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in DDT(cfg).parameters()) for name, cfg in PRESETS.items()}
+    # what the released improved_dit.DiT counts, built on the meta device (XL: 28 x 1152, L: 24 x 1024)
+    assert counts["iDiT-XL/2"] == 674_626_768 and counts["iDiT-L/2"] == 457_630_736
+    for size in ("Toy/4", "S/2", "B/2", "L/2", "XL/2"):
+        d, i = PRESETS[f"DDT-{size}"], PRESETS[f"iDiT-{size}"]
+        assert i.decoder_depth == 0 and i.encoder_depth == d.encoder_depth + d.decoder_depth
+        assert replace(i, encoder_depth=0) == replace(d, encoder_depth=0, decoder_depth=0)  # width, heads, patch...
+        C, p, D = d.in_channels, d.patch_size, d.hidden_size
+        assert counts[f"DDT-{size}"] - counts[f"iDiT-{size}"] == C * p * p * D + D  # DDT's second patch embedding
+    from torch.utils.flop_counter import FlopCounterMode
+    for cfg in (replace(TINY, num_classes=4), replace(IDIT_TINY, num_classes=4)):  # bench.py's and MFU's FLOPs
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            DDT(cfg)(torch.randn(1, 4, 8, 12), torch.rand(1), torch.tensor([1]))
+        counted = {m: sum(v for op, v in c.items() if str(op) in ("aten.mm", "aten.addmm"))
+                   for m, c in fc.get_flop_counts().items()}
+        N, D, depth = 24, cfg.hidden_size, cfg.encoder_depth + cfg.decoder_depth
+        attention = depth * 4 * N * N * D  # q k^T and attn v; the timestep MLP is left out
+        assert train.flops_per_image(cfg, 8, 12) == counted["Global"] - counted["DDT.t_embedder"] + attention
+
+
+def test_idit_samples_and_refuses_encoder_steps(tmp_path, monkeypatch):
+    monkeypatch.setitem(ddt.PRESETS, "iDiT-T/2", IDIT_TINY)
+    args = ["--ckpt", IDIT_CKPT, "--model", "iDiT-T/2", "--vae", VAE_TINY, "--image-size", 32, "--num-steps", 3,
+            "--num-samples", 2, "--cfg-scale", 1.5]
+    with pytest.raises(SystemExit, match="improved DiT .* no z to share; leave --encoder-steps out"):
+        cli(monkeypatch, *args, "--encoder-steps", 3, "--out", tmp_path / "a.png")
+    cli(monkeypatch, *args, "--out", tmp_path / "b.png")
+    assert (tmp_path / "b.png").exists() and not (tmp_path / "a.png").exists()
+    out = run_script("bench.py", "--model", "iDiT-S/2", "--hidden-size", "32", "--num-heads", "2", "--encoder-depth",
+                     "2", "--image-size", "8", "--batch-size", "2", "--sample", "--num-steps", "3").stdout
+    assert "no encoder sharing" in out
+
+
+def test_idit_trains_with_repa(tmp_path):
+    data = make_dataset(tmp_path / "data", n=32, latent_shape=(4, 16, 16), resolution=128, images=True)
+    run = str(tmp_path / "run")
+    flags = [*TRAIN_TINY, "--decoder-depth", "0", "--encoder-depth", "3", "--patch-size", "2", "--dino", DINO_WEIGHTS]
+    with pytest.raises(SystemExit, match="1..3 .*all the blocks of an improved DiT"):
+        train.main(["--data", data, "--out-dir", run, *flags, "--repa-layer", "4"])
+    train.main(["--data", data, "--out-dir", run, *flags, "--repa-layer", "3", "--max-steps", "2"])
+    assert all(0 < r["repa"] < 2 for r in read_log(run))
+    model = load_ddt(os.path.join(run, "ckpt.pt"))
+    assert model.cfg.decoder_depth == 0 and not hasattr(model, "s_embedder")
+
+
+def test_val_loss_is_the_documented_definition(tmp_path):
+    val_dir = make_dataset(tmp_path / "val", n=20, seed=1)
+    meta = train.read_meta(val_dir, "--data")
+    val = train.ValSet(val_dir, None, meta, val_dir)
+    assert sorted(val.rows) == list(range(20))
+    assert list(train.ValSet(val_dir, 9, meta, val_dir).rows) == list(val.rows[:9])  # --val-size: a prefix
+    grid = torch.tensor(train.VAL_TIMES, dtype=torch.float64)  # the midpoint quantiles of t = sigmoid(randn)
+    assert torch.allclose(torch.logit(grid), torch.special.ndtri((torch.arange(8, dtype=torch.float64) + 0.5) / 8))
+    model = tiny_model(in_channels=3, num_classes=4)
+    got = train.val_loss(model, val, torch.device("cpu"))
+    lat, labels = np.load(os.path.join(val_dir, "latents.npy")), np.load(os.path.join(val_dir, "labels.npy"))
+    per_t = [[] for _ in range(8)]
+    with torch.no_grad():  # one image at a time, as the docstring says
+        for j, row in enumerate(val.rows):
+            g = torch.Generator().manual_seed(int(row) * 1_000_003 + j % 8)
+            mean, std = torch.from_numpy(lat[row].astype(np.float32))
+            x = mean + std * torch.randn(mean.shape, generator=g)  # scaling factor 1
+            noise = torch.randn(mean.shape, generator=g)
+            t = torch.tensor([train.VAL_TIMES[j % 8]], dtype=torch.float32)
+            v = model((t * x + (1 - t) * noise)[None], t, torch.tensor([labels[row]]))[0]
+            per_t[j % 8].append((v[0] - (x - noise)).pow(2).mean().item())
+    assert np.allclose(got["loss_t"], [np.mean(l) for l in per_t], rtol=1e-5, atol=0)
+    assert got["loss"] == pytest.approx(np.mean([np.mean(l) for l in per_t]), rel=1e-5)
+
+
+def test_val_loss_same_for_ranks_batch_sizes_and_resume(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", n=64)
+    val = make_dataset(tmp_path / "val", n=150, seed=1)  # chunks of 64, 64, 22 images: both ranks get work
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    flags = [*TRAIN_TINY, "--val-data", val, "--ckpt-every", "2", "--log-every", "2"]
+    train.main(["--data", data, "--out-dir", a, *flags, "--max-steps", "4"])
+    train.main(["--data", data, "--out-dir", b, *flags, "--max-steps", "2"])
+    train.main(["--data", data, "--out-dir", b, *flags, "--max-steps", "4"])  # resumed
+    keys = ("step", "val_loss", "val_loss_ema", "val_loss_t", "val_loss_ema_t", "val_size")
+
+    def fields(records):
+        return [{k: r[k] for k in keys} for r in records if "val_loss" in r]
+
+    va, vb = fields(read_log(a)), fields(read_log(b))
+    assert [r["step"] for r in va] == [2, 4] and va == vb  # bit-exact after a resume
+    assert va[0]["val_size"] == 150 and len(va[0]["val_loss_t"]) == 8 and va[1]["val_loss"] != va[1]["val_loss_ema"]
+    before = sorted((f, os.path.getmtime(os.path.join(a, f))) for f in os.listdir(a))
+    capsys.readouterr()
+    rec = train.main(["--data", data, "--out-dir", a, *flags, "--eval-only", "--global-batch-size", "8"])
+    assert fields([rec]) == va[1:]  # the same checkpoint at another batch size
+    assert sorted((f, os.path.getmtime(os.path.join(a, f))) for f in os.listdir(a)) == before  # wrote nothing
+    assert capsys.readouterr().out.startswith(f"step 4 | val_loss {rec['val_loss']:.4g} | val_loss_ema ")
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import json, os, sys\nsys.path.insert(0, {HERE!r})\nimport train\n"
+                      f"rec = train.main(sys.argv[1:])\n"
+                      f"json.dump(rec, open({str(tmp_path / 'rank')!r} + os.environ['RANK'], 'w'))\n")
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver), "--data", data,
+               "--out-dir", a, *flags, "--eval-only", env={"CUDA_VISIBLE_DEVICES": ""})  # two gloo ranks
+    ranks = [json.load(open(tmp_path / f"rank{r}")) for r in (0, 1)]
+    assert fields(ranks) == va[1:] * 2
+
+
+def test_val_data_must_match_the_training_set(tmp_path):
+    import re
+    data = make_dataset(tmp_path / "data", n=32)
+    run = str(tmp_path / "run")
+    vae = make_dataset(tmp_path / "vae", n=16)
+    meta = json.load(open(os.path.join(vae, "meta.json")))
+    json.dump({**meta, "vae": "/weights/sd-vae-ft-ema"}, open(os.path.join(vae, "meta.json"), "w"))
+    for bad, what in ((make_dataset(tmp_path / "shape", n=16, latent_shape=(3, 16, 16)), "latent_shape"),
+                      (make_dataset(tmp_path / "classes", n=16, num_classes=5), "num_classes"),
+                      (vae, "vae 'none' vs '/weights/sd-vae-ft-ema'")):
+        with pytest.raises(SystemExit, match=f"--val-data {re.escape(bad)} does not match --data "
+                                             f"{re.escape(data)}: .*{re.escape(what)}"):
+            train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--val-data", bad, "--max-steps", "1"])
+    assert not os.path.exists(os.path.join(run, "ckpt.pt"))  # refused before any training
+    good = make_dataset(tmp_path / "good", n=16, seed=1)
+    for size in ("7", "17"):
+        with pytest.raises(SystemExit, match=f"--val-size {size}: must be between 8 .* the 16 valid images"):
+            train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--val-data", good, "--val-size", size])
+    with pytest.raises(SystemExit, match="--eval-only: checkpoint .* does not exist"):
+        train.main(["--data", data, "--out-dir", str(tmp_path / "none"), *TRAIN_TINY, "--val-data", good,
+                    "--eval-only"])
+    r = run_script("train.py", "--data", data, "--out-dir", run, "--eval-only", check=False)
+    assert r.returncode == 2 and "--eval-only needs --val-data" in r.stderr
+
+
+def test_toy_val_split_holds_other_images_of_the_same_classes(toy_data, tmp_path):
+    out = str(tmp_path / "toy_val")
+    prepare_latents.main(["--toy", "--split", "val", "--out", out])
+    val = train.ValSet(out, None, train.read_meta(toy_data, "--data"), toy_data)  # matches the training set
+    assert len(val.rows) == 1000 and np.bincount(val.labels).tolist() == [100] * 10
+    held_out = np.load(os.path.join(out, "images.npy"))
+    assert np.array_equal(held_out, make_toy_images(100, 32, seed=1)[0])  # seeded: the same on every machine
+    seen = {im.tobytes() for im in np.load(os.path.join(toy_data, "images.npy"))}
+    assert not any(im.tobytes() in seen for im in held_out)
+    with pytest.raises(SystemExit):  # --split is the toy set's; a folder of held-out images is its own --data-path
+        prepare_latents.parse_args(["--data-path", str(tmp_path), "--vae", "none", "--split", "val", "--out", out])
 
 
 # =============================================================================================

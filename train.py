@@ -1,10 +1,18 @@
 """
-Train a DDT with linear flow matching and REPA, as in the paper, from one CPU process to many GPUs.
+Train a DDT (or its baseline, the improved DiT) with linear flow matching and REPA, as in the paper, from one CPU
+process to many GPUs.
 
     python prepare_latents.py --toy --out data/toy                  # built-in toy set, pixel space
+    python prepare_latents.py --toy --split val --out data/toy_val  # its held-out images
     python train.py --data data/toy --out-dir runs/toy --model DDT-Toy/4 --global-batch-size 64 --lr 2e-3 \\
-        --max-steps 1500 --ckpt-every 250
+        --max-steps 1500 --ckpt-every 250 --val-data data/toy_val
+    python train.py --data data/toy --out-dir runs/toy --val-data data/toy_val --eval-only   # val loss of ckpt.pt
     torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
+    torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/idit-xl --model iDiT-XL/2 \\
+        --dino dinov2_vitb14_pretrain.pth                           # the paper's baseline: DDT without a decoder
+
+With --val-data, the validation loss (val_loss below: a deterministic flow-matching loss on held-out images) of
+the raw and the EMA weights goes to the log every --val-every steps (default: at each checkpoint).
 
 Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU (on GPUs up to the kernels that are
 not deterministic): every random draw of step s (data order, t, noise, class dropout, flips) is seeded by
@@ -23,7 +31,9 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -112,6 +122,92 @@ class StepDataset(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------------------------
+# validation loss: the flow-matching loss on held-out images, deterministic
+
+# The time grid: the midpoint quantiles (k + 0.5) / 8 of training's t = sigmoid(randn), so that each time stands
+# for an eighth of the training distribution: 0.177 0.292 0.380 0.461 0.539 0.620 0.708 0.823.
+VAL_TIMES = tuple(1 / (1 + math.exp(-NormalDist().inv_cdf((k + 0.5) / 8))) for k in range(8))
+VAL_CHUNK = 64  # images per forward pass, part of the definition: CPU matmuls round differently at other sizes
+VAL_MUST_MATCH = ("latent_shape", "num_classes", "class_names", "vae", "scaling_factor")  # of train and val sets
+
+
+class ValSet:
+    """The held-out set of --val-data: its valid images in a fixed seeded order (the same for every run), the
+    first `size` of them (all by default). It must be encoded like the training set `train_meta` (of `train_dir`)."""
+
+    def __init__(self, val_dir, size, train_meta, train_dir):
+        meta = read_meta(val_dir, "--val-data")
+        diff = [f"{k} {train_meta.get(k)!r} vs {meta.get(k)!r}" for k in VAL_MUST_MATCH
+                if train_meta.get(k) != meta.get(k)]
+        if diff:
+            raise SystemExit(f"--val-data {val_dir} does not match --data {train_dir}: {'; '.join(diff)}. Make the "
+                             f"val set with prepare_latents.py from held-out images of the same classes, with the "
+                             f"same --vae and --resolution")
+        valid = np.flatnonzero(np.load(os.path.join(val_dir, "valid.npy")))
+        order = np.random.default_rng(0).permutation(valid)  # seed 0, not --seed: every run scores the same images
+        size = len(order) if size is None else size
+        if not len(VAL_TIMES) <= size <= len(order):
+            raise SystemExit(f"--val-size {size}: must be between {len(VAL_TIMES)} (one image per time of the grid) "
+                             f"and the {len(order)} valid images of --val-data {val_dir}")
+        self.rows = order[:size]
+        self.latents = np.load(os.path.join(val_dir, "latents.npy"), mmap_mode="r")  # (N, 2, C, h, w)
+        self.labels = np.load(os.path.join(val_dir, "labels.npy"))
+        self.scale = meta["scaling_factor"]
+
+
+@torch.no_grad()
+def val_loss(model, val, device, autocast=nullcontext()):
+    """The validation loss of `model` (a DDT or improved DiT) on `val` (a ValSet): {"loss": the mean over the
+    times of VAL_TIMES of the per-time means, "loss_t": the per-time means}, as Python floats.
+
+    Image j of the val order is taken at time t = VAL_TIMES[j % 8] (each time gets an eighth of the images),
+    with its true class (no dropout), its posterior sample x = (mean + std * eps) * scale and its noise drawn
+    from a generator seeded by (its row in the dataset, the time's index); the loss is training's
+    |v(t x + (1 - t) noise, t, y) - (x - noise)|^2, mean over the latent, without the REPA term. The forward
+    passes take fixed chunks of VAL_CHUNK images, chunk c on rank c % world, and one all-reduce collects
+    the per-image losses (float64): the same number for any world size, whatever batch size the run trains
+    with, bit-exact on the CPU. Under torchrun a collective: every rank calls it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    T, n = len(VAL_TIMES), len(val.rows)
+    losses = torch.zeros(n, dtype=torch.float64, device=device)
+    for a in range(rank * VAL_CHUNK, n, world * VAL_CHUNK):
+        j = np.arange(a, min(a + VAL_CHUNK, n))  # positions in the val order
+        rows, k = val.rows[j], j % T
+        lat = torch.from_numpy(val.latents[rows].astype(np.float32))  # (b, 2, C, h, w)
+        gens = [torch.Generator().manual_seed(int(r) * 1_000_003 + int(i)) for r, i in zip(rows, k)]
+        eps = torch.stack([torch.randn(lat.shape[2:], generator=g) for g in gens])  # each generator: eps first,
+        noise = torch.stack([torch.randn(lat.shape[2:], generator=g) for g in gens])  # then the noise
+        x = ((lat[:, 0] + lat[:, 1] * eps) * val.scale).to(device)  # (b, C, h, w) posterior sample
+        noise = noise.to(device)
+        t = torch.tensor([VAL_TIMES[i] for i in k], dtype=torch.float32, device=device)[:, None, None, None]
+        with autocast:
+            v = model(t * x + (1 - t) * noise, t.flatten(), torch.from_numpy(val.labels[rows]).to(device))[0]
+        losses[torch.from_numpy(j).to(device)] = (v.float() - (x - noise)).pow(2).flatten(1).mean(1).double()
+    if world > 1:
+        dist.all_reduce(losses)  # every position is filled by one rank, zero elsewhere: an exact sum
+    losses = losses.cpu()
+    per_t = [losses[i::T].mean().item() for i in range(T)]
+    return {"loss": sum(per_t) / T, "loss_t": per_t}
+
+
+def val_record(step, raw_model, ema, val, device, autocast):
+    """The log record of a validation: the raw and the EMA model's loss, their per-time means, the set's size."""
+    t0 = time.time()
+    raw_l, ema_l = (val_loss(m, val, device, autocast) for m in (raw_model, ema))
+    return {"step": step, "val_loss": raw_l["loss"], "val_loss_ema": ema_l["loss"], "val_size": len(val.rows),
+            "val_seconds": time.time() - t0, "val_loss_t": raw_l["loss_t"], "val_loss_ema_t": ema_l["loss_t"]}
+
+
+def format_record(rec):
+    """A log record as the printed line: `key value | ...`, numbers to 4 significant digits."""
+    def fmt(v):
+        if isinstance(v, list):
+            return "[" + " ".join(map(fmt, v)) + "]"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return " | ".join(f"{k} {fmt(v)}" for k, v in rec.items())
+
+
+# -----------------------------------------------------------------------------------------------
 # model pieces used only for training
 
 
@@ -141,7 +237,10 @@ def flops_per_image(cfg, H, W):
     per_block = 2 * N * (4 * D * D + 3 * D * hid) + 4 * N * N * D  # qkv + proj + SwiGLU, attention
     enc = cfg.encoder_depth * (per_block + 2 * 6 * D * D)  # adaLN: one condition per image
     dec = cfg.decoder_depth * (per_block + 2 * N * 6 * D * D)  # adaLN: one condition per token
-    ends = 2 * N * (2 * C * p * p * D + 2 * D * D + D * C * p * p)  # two embeddings, final layer
+    # patch embeddings and the final layer's adaLN: DDT has two embeddings and modulates per token (by z), the
+    # improved DiT has one and modulates per image (by c)
+    embeddings, conditions = (2, N) if cfg.decoder_depth else (1, 1)
+    ends = 2 * N * C * p * p * D * embeddings + 2 * 2 * D * D * conditions + 2 * N * D * C * p * p
     return enc + dec + ends
 
 
@@ -210,11 +309,25 @@ def get_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=50, help="Euler steps for the sample grids")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max grad norm (0: off, as released)")
     p.add_argument("--dino", help="DINOv2 weights (dinov2_vitb14_pretrain.pth) to turn REPA on")
-    p.add_argument("--repa-layer", type=int, default=8, help="encoder block (1-based) aligned to DINOv2")
+    p.add_argument("--repa-layer", type=int, default=8,
+                   help="encoder block (1-based; of an improved DiT, any block) aligned to DINOv2")
     p.add_argument("--repa-weight", type=float, default=0.5)
     p.add_argument("--class-dropout", type=float, default=0.1)
     p.add_argument("--num-workers", type=int, default=2, help="data loader processes per rank")
-    return p.parse_args(argv)
+    p.add_argument("--val-data", help="held-out dataset from prepare_latents.py (same VAE, resolution and classes "
+                                      "as --data) for the validation loss")
+    p.add_argument("--val-every", type=int, help="steps between validation losses (default: --ckpt-every; 0: off)")
+    p.add_argument("--val-size", type=int, help="validate on the first this many images of the val set's fixed "
+                                                "seeded order (default: all its valid images)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="print the validation loss of OUT/ckpt.pt (needs --val-data) and exit, writing nothing")
+    args = p.parse_args(argv)
+    if args.eval_only and not args.val_data:
+        p.error("--eval-only needs --val-data")
+    if args.val_every is not None and args.val_every < 0:
+        p.error("--val-every must be >= 0 (0 turns the validation loss off)")
+    args.val_every = args.ckpt_every if args.val_every is None else args.val_every
+    return args
 
 
 def model_config(args, meta):
@@ -231,38 +344,65 @@ def model_config(args, meta):
     return cfg
 
 
+def autocast_for(args, device):
+    """(precision, autocast context) of --precision: by default bf16 autocast on a GPU, fp32 on the CPU."""
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    return precision, torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+
+
 def main(argv=None):
+    """Train; returns the raw model. With --eval-only, prints the validation loss of OUT/ckpt.pt and returns its
+    record. Everything lives in the call (process group, lock, signal handlers), so a study may call it again."""
     args = get_args(argv)
-    read_meta(args.data)  # a wrong --data is reported before --out-dir is created
+    meta = read_meta(args.data)  # a wrong --data (or --val-data) is reported before --out-dir is created
+    val = (ValSet(args.val_data, args.val_size, meta, args.data)
+           if args.val_data and (args.val_every or args.eval_only) else None)
     rank, local_rank, world, device = ddt.setup_dist()
     lock = None
     try:
+        if args.eval_only:
+            return eval_only(args, val, rank, device)
         if rank == 0:
             lock = lock_out_dir(args.out_dir)
         with ddt.stop_signals() as received:
-            return train(args, rank, local_rank, world, device, received)
+            return train(args, val, rank, local_rank, world, device, received)
     finally:
         if lock is not None:
             lock.close()
         ddt.cleanup_dist()
 
 
-def train(args, rank, local_rank, world, device, received):
-    """The run of main(); `received` gets the stop signals (ddt.stop_signals)."""
+def eval_only(args, val, rank, device):
+    """--eval-only: the validation loss of OUT/ckpt.pt, raw and EMA weights, printed by rank 0; writes nothing."""
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    try:
+        ckpt = ddt.load_checkpoint(ckpt_path)
+        raw_model, ema = (ddt.load_ddt(ckpt_path, ema=e, ckpt=ckpt).to(device) for e in (False, True))
+    except (OSError, ValueError) as e:  # ddt.CheckpointError is a ValueError
+        raise SystemExit(f"--eval-only: {e}") from None
+    rec = val_record(ckpt["step"], raw_model, ema, val, device, autocast_for(args, device)[1])
+    if rank == 0:
+        print(format_record(rec), flush=True)
+    return rec
+
+
+def train(args, val, rank, local_rank, world, device, received):
+    """The run of main(); `val` is the ValSet of --val-data (None: no validation loss), `received` gets the stop
+    signals (ddt.stop_signals)."""
     master = rank == 0
     if args.global_batch_size % (world * args.grad_accum):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} must divide by ranks x --grad-accum "
                          f"= {world * args.grad_accum}")
     micro = args.global_batch_size // (world * args.grad_accum)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    precision, autocast = autocast_for(args, device)
 
     batches = LatentBatches(args.data, args.global_batch_size, rank, world, args.seed, need_images=bool(args.dino))
     meta = batches.meta
     cfg = model_config(args, meta)
     max_steps = args.max_steps or 256 * batches.steps_per_epoch
     if args.dino and not 1 <= args.repa_layer <= cfg.encoder_depth:
-        raise SystemExit(f"--repa-layer {args.repa_layer} must be in 1..{cfg.encoder_depth} (the encoder depth)")
+        raise SystemExit(f"--repa-layer {args.repa_layer} must be in 1..{cfg.encoder_depth} (the encoder depth"
+                         f"{'' if cfg.decoder_depth else ': all the blocks of an improved DiT'})")
 
     teacher = None
     if args.dino:
@@ -363,7 +503,8 @@ def train(args, rank, local_rank, world, device, received):
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{n_params / 1e6:.1f}M parameters, {asdict(cfg)}\n{world} rank(s) x {args.grad_accum} micro-step(s) "
-              f"x {micro} images, {precision}, {len(batches.valid)} images, steps {step} -> {max_steps}")
+              f"x {micro} images, {precision}, {len(batches.valid)} images, steps {step} -> {max_steps}"
+              + (f", validation on {len(val.rows)} images every {args.val_every} steps" if val else ""))
     loader = torch.utils.data.DataLoader(StepDataset(batches, step, max_steps), batch_size=None, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False, prefetch_factor=4 if args.num_workers else None,
@@ -376,6 +517,13 @@ def train(args, rank, local_rank, world, device, received):
         else:
             print(f"sample grids off: the dataset's VAE {meta['vae']} is not there any more")
             args.sample_every = 0
+
+    def log(rec):  # rank 0: a line on stdout and in log.jsonl
+        if master:
+            print(format_record(rec), flush=True)
+            with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     img_flops = 3 * flops_per_image(cfg, *meta["latent_shape"][1:])
     peak = peak_flops(device)
     sums = torch.zeros(3, device=device)  # fm loss, repa loss, grad norm, summed over the log interval
@@ -433,13 +581,14 @@ def train(args, rank, local_rank, world, device, received):
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                 if peak:
                     rec["mfu"] = rec["images_per_s"] / world * img_flops / peak
-            if master:
-                print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
-                      flush=True)
-                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            log(rec)
             sums.zero_()
             t0, t_step0 = time.time(), step
+        # the validation loss before the checkpoint: one lost to a crash in between is redone with the steps
+        if val is not None and (step % args.val_every == 0 or step == max_steps):
+            rec = val_record(step, raw_model, ema, val, device, autocast)
+            log(rec)
+            t0 += rec["val_seconds"]  # steps/s and images/s count training only
         saved = step % args.ckpt_every == 0 or step == max_steps or bool(args.keep_every
                                                                           and step % args.keep_every == 0)
         if master and saved:
