@@ -28,6 +28,7 @@ import ddt
 import evaluate
 import prepare_latents
 import sample
+import study
 import train
 from ddt import (DDT, PRESETS, AutoencoderKL, CheckpointError, DDTConfig, DINOv2, load_ddt, load_dino, load_vae,
                  read_safetensors)
@@ -2510,3 +2511,60 @@ def test_bench_sharing_table_compares_the_schedules(capsys):
     assert [r[1] for r in rows] == ["dp", "dp-velocity", "uniform"] * 2
     for r in rows:
         assert all(np.isfinite(float(v)) for v in r[2:6]) and float(r[4]) <= float(r[5]) + 1e-9  # RMS <= worst
+
+
+# =============================================================================================
+# study.py: the paper in miniature (issue 17)
+
+
+def test_study_convergence_column_on_a_hand_made_curve():
+    assert study.steps_to_reach([100, 200, 300, 400], [1.0, 0.8, 0.6, 0.5], 0.7) == pytest.approx(250)  # linear between evaluations
+    assert study.steps_to_reach([100, 200], [1.0, 0.8], 1.2) == 100  # already there at the first evaluation
+    assert study.steps_to_reach([100, 200], [1.0, 0.8], 0.5) == math.inf  # never
+    curve = lambda values: {str(s): list(zip([100, 200, 300, 400], v)) for s, v in enumerate(values)}  # noqa: E731
+    results = [dict(name="iDiT", decoder_depth=0, curves=curve([[1.0, 0.8, 0.7, 0.6], [1.0, 0.8, 0.7, 0.6]])),
+               dict(name="4En2De", decoder_depth=2, curves=curve([[0.9, 0.6, 0.5, 0.4], [0.9, 0.6, 0.5, 0.4]])),
+               dict(name="2En4De", decoder_depth=4, curves=curve([[1.1, 1.0, 0.9, 0.8], [1.1, 0.9, 0.9, 0.7]]))]
+    base = study.summarize(results)
+    assert base["name"] == "iDiT" and base["steps_to_base"] == 400 and base["speedup"] == 1
+    assert results[1]["steps_to_base"] == 200 and results[1]["speedup"] == 2  # the paper's "2x faster"
+    assert results[2]["steps_to_base"] == math.inf and results[2]["final_mean"] == pytest.approx(0.75)
+    assert results[2]["final_std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
+    results = [{**r, "params": 1e6, "gflops": 0.01, "sec_per_step": 0.1} for r in results]
+    rows = study.table(results, base).splitlines()
+    assert "| 4En2De |" in rows[3] and "| 200 | 2.00x |" in rows[3] and "| not reached | - |" in rows[4]
+
+
+def test_study_runs_every_configuration_and_seed_and_resumes_without_retraining(tmp_path, monkeypatch):
+    data, val = make_dataset(tmp_path / "data", n=32), make_dataset(tmp_path / "val", n=16, seed=1)
+    argv = ["--data", data, "--val-data", val, "--out-dir", str(tmp_path / "study"), "--model", "DDT-S/2",
+            "--hidden-size", "32", "--num-heads", "2", "--depth", "2", "--encoder-depths", "2", "1",
+            "--seeds", "0", "1", "--steps", "2", "--val-every", "1", "--batch-size", "8"]
+    calls, real_main = [], train.main
+
+    def interrupted(argv):  # the third run is stopped (as by SIGTERM) before it finishes
+        calls.append(argv)
+        if len(calls) == 3:
+            raise SystemExit(ddt.EXIT_STOPPED)
+        return real_main(argv)
+
+    monkeypatch.setattr(train, "main", interrupted)
+    with pytest.raises(SystemExit):
+        study.main(argv)
+    calls.clear()
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
+    results = study.main(argv)
+    assert [c[c.index("--out-dir") + 1].rsplit(os.sep, 1)[1] for c in calls] == ["iDiT_seed1", "1En1De_seed1"]
+    assert [r["name"] for r in results] == ["iDiT", "1En1De"]
+    assert [r["decoder_depth"] for r in results] == [0, 1]
+    for r in results:  # every curve: the val loss of the EMA model at steps 1 and 2, as logged by train.py
+        assert set(r["curves"]) == {"0", "1"} and all([s for s, _ in c] == [1, 2] for c in r["curves"].values())
+        log = read_log(str(tmp_path / "study" / "runs" / f"{r['name']}_seed1"))
+        assert r["curves"]["1"][-1][1] == [rec["val_loss_ema"] for rec in log if "val_loss_ema" in rec][-1]
+    saved = json.load(open(tmp_path / "study" / "study.json"))
+    assert saved["results"][1]["curves"] == {k: [list(p) for p in c] for k, c in results[1]["curves"].items()}
+    md = open(tmp_path / "study" / "study.md").read()
+    assert "| iDiT |" in md and "| 1En1De |" in md and "over 2 seeds" in md
+    calls.clear()
+    study.main(argv)  # all finished: nothing is trained again
+    assert calls == []
