@@ -116,7 +116,7 @@ def figure(results, path, title):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=ddt.HelpFormatter)
     p.add_argument("--data", required=True, help="training set from prepare_latents.py")
     p.add_argument("--val-data", required=True, help="held-out set from prepare_latents.py")
     p.add_argument("--out-dir", required=True, help="study folder: runs/, study.json, study.md, study.png")
@@ -127,10 +127,10 @@ def main(argv=None):
     p.add_argument("--encoder-depths", type=int, nargs="+", default=[12, 4, 6, 8, 10],
                    help="one configuration each: E encoder and depth - E decoder blocks; E = depth is the "
                         "improved DiT")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every configuration")
     p.add_argument("--steps", type=int, default=600, help="training steps of every run")
     p.add_argument("--batch-size", type=int, default=64, help="global batch")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of every run")
     p.add_argument("--val-every", type=int, default=50, help="steps between val-loss evaluations")
     p.add_argument("--val-size", type=int, help="train.py --val-size (default: every valid image of --val-data)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader processes of each run")

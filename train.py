@@ -266,7 +266,8 @@ def update_ema(ema, model, decay):
 
 def add_model_args(p, default):
     """--model PRESET and the flags that override its fields (train.py and bench.py)."""
-    p.add_argument("--model", default=default, choices=list(ddt.PRESETS))
+    p.add_argument("--model", default=default, choices=list(ddt.PRESETS), metavar="PRESET",
+                   help="one of " + ", ".join(ddt.PRESETS))
     for name in ("hidden-size", "num-heads", "encoder-depth", "decoder-depth", "patch-size"):
         p.add_argument(f"--{name}", type=int, help="override the preset's value")
 
@@ -286,24 +287,24 @@ def lock_out_dir(out_dir):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train DDT (flow matching + REPA). Defaults are the paper's, "
-                                "except the EMA warm-up (--no-ema-warmup).")
+                                "except the EMA warm-up (--no-ema-warmup).", formatter_class=ddt.HelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory from prepare_latents.py")
     p.add_argument("--out-dir", required=True, help="run directory: ckpt.pt, log.jsonl, samples/")
     add_model_args(p, default="DDT-XL/2")
-    p.add_argument("--global-batch-size", type=int, default=256)
+    p.add_argument("--global-batch-size", type=int, default=256, help="images per optimizer step, all ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the sampling weights")
     p.add_argument("--no-ema-warmup", action="store_true",
                    help="plain decay from step 0 as in the paper (default: min(decay, (1+s)/(10+s)))")
     p.add_argument("--max-steps", type=int, help="default: 256 epochs of the dataset")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="init, data order and every draw")
     p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=10000)
+    p.add_argument("--log-every", type=int, default=100, help="steps per log line")
+    p.add_argument("--ckpt-every", type=int, default=10000, help="steps between checkpoints (OUT/ckpt.pt)")
     p.add_argument("--keep-every", type=int, default=0, help="also keep ckpt_STEP.pt every this many steps")
     p.add_argument("--sample-every", type=int, default=10000, help="EMA sample grid every this many steps (0: off)")
     p.add_argument("--sample-steps", type=int, default=50, help="Euler steps for the sample grids")
@@ -311,8 +312,8 @@ def get_args(argv=None):
     p.add_argument("--dino", help="DINOv2 weights (dinov2_vitb14_pretrain.pth) to turn REPA on")
     p.add_argument("--repa-layer", type=int, default=8,
                    help="encoder block (1-based; of an improved DiT, any block) aligned to DINOv2")
-    p.add_argument("--repa-weight", type=float, default=0.5)
-    p.add_argument("--class-dropout", type=float, default=0.1)
+    p.add_argument("--repa-weight", type=float, default=0.5, help="weight of the REPA loss")
+    p.add_argument("--class-dropout", type=float, default=0.1, help="share of labels set to the null class")
     p.add_argument("--num-workers", type=int, default=2, help="data loader processes per rank")
     p.add_argument("--val-data", help="held-out dataset from prepare_latents.py (same VAE, resolution and classes "
                                       "as --data) for the validation loss")
