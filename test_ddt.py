@@ -1252,7 +1252,7 @@ def test_val_data_must_match_the_training_set(tmp_path):
         with pytest.raises(SystemExit, match=f"--val-data {re.escape(bad)} does not match --data "
                                              f"{re.escape(data)}: .*{re.escape(what)}"):
             train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--val-data", bad, "--max-steps", "1"])
-    assert not os.path.exists(os.path.join(run, "ckpt.pt"))  # refused before any training
+    assert not os.path.exists(run)  # refused before --out-dir is made
     good = make_dataset(tmp_path / "good", n=16, seed=1)
     for size in ("7", "17"):
         with pytest.raises(SystemExit, match=f"--val-size {size}: must be between 8 .* the 16 valid images"):
