@@ -845,7 +845,7 @@ def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
     assert Image.open(tmp_path / "a.png").size[0] == 4 * 64  # a column per class, 8 px images shown at 64 px
 
     # resume: the first run dies after one batch; the rerun reads the DP schedule from the cache and samples the rest
-    real, calls = sample.euler_sample, []
+    real, calls = sample.sample_loop, []
 
     def dies_after_one(*a, **k):
         if calls:
@@ -853,7 +853,7 @@ def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(sample, "euler_sample", dies_after_one)
+    monkeypatch.setattr(sample, "sample_loop", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         cli(monkeypatch, *args, "--npz", tmp_path / "b.npz")
     assert len(os.listdir(tmp_path / "b_parts")) == 1
@@ -863,7 +863,7 @@ def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
         calls.append(2)
         return real(*a, **k)
 
-    monkeypatch.setattr(sample, "euler_sample", counting)
+    monkeypatch.setattr(sample, "sample_loop", counting)
     cli(monkeypatch, *args, "--npz", tmp_path / "b.npz", "--out", tmp_path / "b.png")
     assert "cached" in capsys.readouterr().out and calls.count(2) == 2  # batches [4, 8) and [8, 10)
     with np.load(tmp_path / "b.npz") as f:
@@ -1804,7 +1804,7 @@ def test_gpu_inception_and_precision_recall_match_cpu(inception):
 
 def calibration_run(model, N, B, w, interval, shape=(4, 8, 8)):
     """The unshared sampler written out, both halves at every step: (x_i list, z_i list (2B, N, D), t, x_N)."""
-    noise, y = sample.calibration_batch(shape, model.cfg.num_classes, B, 0, torch.device("cpu"))
+    noise, y, _ = sample.calibration_batch(shape, model.cfg.num_classes, B, 0, torch.device("cpu"))
     t = sample.timesteps(N)
     y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])
     x, xs, zs = noise, [], []
@@ -1879,7 +1879,7 @@ def test_sharing_schedule_cache_key(tmp_path, monkeypatch, capsys):
         real = getattr(sample, name)
         monkeypatch.setattr(sample, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     args = argparse.Namespace(ckpt=ckpt, num_steps=6, cfg_scale=2.0, cfg_interval=[0.3, 1.0], timeshift=1.0,
-                              last_step=0.04, sharing="dp")
+                              last_step=0.04, sharing="dp", solver="euler", order=1, sde="none")
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
     cpu = torch.device("cpu")
 
