@@ -1100,6 +1100,86 @@ def test_two_ranks_give_the_same_sde_npz(tmp_path, monkeypatch):
         assert np.abs(a["arr_0"].astype(int) - ode.astype(int)).max() > 10  # the SDE noise is in the samples
 
 
+def table_rows(out):
+    """The cells of the rows of the last markdown table printed in `out`, without its header."""
+    lines = out.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("|---"))
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 1:] if line.startswith("|")]
+
+
+def test_bench_frontier_rows_are_the_solvers_deviations(capsys):
+    models, shape, y = [tiny_model(seed=0), tiny_model(seed=1)], (4, 8, 8), torch.tensor([0, 5])
+    bench.frontier(models, shape, torch.device("cpu"), "fp32", [4, 6], 2, 2.0, reference_steps=20)
+    rows = {tuple(r[:3]): r[3:5] for r in table_rows(capsys.readouterr().out)}
+    assert len(rows) == 2 * 3 * 2
+    noise = sample.sample_noise(1000, range(2), shape)
+    for (name, N, K), (blocks, dev) in rows.items():
+        order, N = bench.SOLVERS[name], int(N)
+        devs = []
+        for model in models:
+            steps = None if K == "-" else sample.solve_sharing(
+                sample.measure_sharing_cost(model, N, shape, order=order, cfg_scale=2.0), int(K))
+            stats = {}
+            x = sample.adams_sample(model, noise, y, N, order, 2.0, encoder_steps=steps, stats=stats)
+            devs.append(bench.deviation(x, sample.euler_sample(model, noise, y, 20, 2.0))[0])
+        assert dev == bench.spread(devs)
+        assert float(blocks) == (2 * stats["encoder_evals"] + stats["decoder_evals"]) / 2  # 2 + 1 blocks, batch 2
+    assert float(rows["Adams-2", "6", "-"][1].split()[0]) < float(rows["Euler", "6", "-"][1].split()[0])
+
+
+def test_bench_heatmap_marks_both_schedules(tmp_path):
+    rng = np.random.default_rng(0)
+    z = np.cumsum(rng.normal(size=(12, 6)), axis=0)  # a drifting z: cost grows away from the diagonal
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    cost = 1 - z @ z.T
+    dp, uni = bench.heatmap(str(tmp_path / "h.png"), cost, 4, "test")
+    assert dp == sample.solve_sharing(cost, 4) and uni == sample.uniform_schedule(12, 4) and dp != uni
+    img = np.asarray(Image.open(tmp_path / "h.png").convert("RGB"))
+    cell, top, left = 40, 34, 14  # 480 // 12 px per step
+
+    def at(i, j):  # the colour at the centre of cell (i, j)
+        return tuple(int(c) for c in img[top + i * cell + cell // 2, left + j * cell + cell // 2])
+
+    white, red = (255, 255, 255), (230, 30, 30)
+    for a, b in zip(dp, dp[1:] + [12]):  # the entries each schedule pays, cost[i, a]: DP below the diagonal
+        assert all(at(i, a) == white for i in range(a + 1, b))
+    for a, b in zip(uni, uni[1:] + [12]):  # uniform above it, transposed
+        assert all(at(a, i) == red for i in range(a + 1, b))
+    paid = {(i, a) for a, b in zip(dp, dp[1:] + [12]) for i in range(a, b)}
+    assert all(at(i, j) not in (white, red) for i in range(12) for j in range(i) if (i, j) not in paid)
+
+
+def test_bench_cli_modes(tmp_path, monkeypatch, capsys):
+    a, b = save_tiny_ckpt(tmp_path / "a.pt"), save_tiny_ckpt(tmp_path / "b.pt", in_channels=4)
+
+    def bench_cli(*argv):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *map(str, argv)])
+        bench.main()
+
+    with pytest.raises(SystemExit, match="need --sample --ckpt"):
+        bench_cli("--frontier")
+    with pytest.raises(SystemExit, match="share their config and latent shape"):
+        bench_cli("--sample", "--ckpt", a, b, "--heatmap", tmp_path / "h.png")
+    bench_cli("--sample", "--ckpt", a, "--heatmap", tmp_path / "h.png", "--num-steps", 6, "--encoder-steps", 2)
+    assert "wrote" in capsys.readouterr().out and Image.open(tmp_path / "h.png").size == (14 + 6 * 80 + 8, 34 + 480 + 30)
+
+
+def test_bench_sde_check_classifies_by_the_nearest_training_image(tmp_path, monkeypatch, capsys):
+    data = make_dataset(tmp_path / "data", n=20, num_classes=4)
+    model, shape = tiny_model(in_channels=3, num_classes=4), (3, 8, 8)
+    bench.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["ode", "sde", "sde-mean", "sde-preserve"]
+    assert all(0 <= float(r[1]) <= 100 and float(r[2]) > 0 for r in rows)
+    # an oracle sampler that returns a training image of the class asked for: 100% agreement at distance 0
+    lat = np.load(os.path.join(data, "latents.npy"))[:, 0].astype(np.float32)
+    labels = np.load(os.path.join(data, "labels.npy"))
+    first = {c: torch.from_numpy(lat[np.flatnonzero(labels == c)[0]]) for c in set(labels.tolist())}
+    monkeypatch.setattr(sample, "sample_loop", lambda m, noise, y, *a, **k: torch.stack([first[int(c)] for c in y]))
+    bench.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
+    assert all(float(r[1]) == 100.0 and float(r[2]) == 0.0 for r in table_rows(capsys.readouterr().out))
+
+
 # =============================================================================================
 # train.py
 
@@ -2101,7 +2181,7 @@ def test_cli_sharing_dp_velocity_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_sharing_table_compares_the_schedules(capsys):
-    bench.sharing_table(tiny_model(), (4, 8, 8), torch.device("cpu"), "fp32", 6, [2, 3], 2, 2.0,
+    bench.sharing_table([tiny_model()], (4, 8, 8), torch.device("cpu"), "fp32", 6, [2, 3], 2, 2.0,
                         ["dp", "dp-velocity", "uniform"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")
             or line.startswith("| 3 |")]
