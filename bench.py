@@ -367,8 +367,8 @@ def heatmap(path, cost, k, title):
                 draw.line([(left - 5, c1), (left - 1, c1)], fill=(230, 30, 30))  # uniform ticks left of it
     font = ImageFont.load_default()
     draw.text((left, 2), title, fill="black", font=font)
-    draw.text((left, 14), f"1 - cos(z_i, z_j), max {cost.max():.3f} (yellow, square-root scale); K = {k}: DP white, uniform red",
-              fill="black", font=font)
+    draw.text((left, 14), f"1 - cos(z_i, z_j), max {cost.max():.3f} (yellow, square-root scale); K = {k}: DP white, "
+              f"uniform red", fill="black", font=font)
     draw.text((left, top + N * cell + 4), f"row i = step reusing z, column j = step z comes from; "
               f"DP cost {sample.sharing_cost(cost, dp):.3f}, uniform {sample.sharing_cost(cost, uni):.3f}",
               fill="black", font=font)
