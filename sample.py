@@ -174,9 +174,8 @@ def sample_loop(model, noise, y, num_steps=250, order=1, sde="none", generators=
             v = v_null + cfg_scale * (v_cond - v_null)
         else:
             v = v[:B]
-        dt = t[i + 1] - t[i]
+        dt, history = t[i + 1] - t[i], (history + [v])[-order:]
         if sde == "none" or i == num_steps - 1:  # Euler / Adams: a weighted sum of the last velocities
-            history = (history + [v])[-order:]
             x = x + sum(c * v_j for c, v_j in zip(coeffs[i], history[-len(coeffs[i]):])) * dt
         else:
             (a, b), w = SDE_RULES[sde], 1 - t[i]
