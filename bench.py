@@ -266,7 +266,8 @@ def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, re
     unshared and with the encoder at K = N / 2 steps (the DP schedule on the paper's cosine cost, measured
     along that solver's trajectory), the deviation of its samples from a `reference_steps` Euler sample on the
     same noise (relative RMS over the batch), against the block evaluations per image (E * encoder images +
-    D * decoder images, counted by the sampler) and the wall-clock time of one run; mean ± sd over `models`.
+    D * decoder images, counted by the sampler) and the wall-clock time of one run; mean ± sd over `models`
+    (blocks: the mean).
     Then, per solver, the cheapest setting (in block evaluations) whose mean deviation is at most Euler's
     at the largest N."""
     autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -294,12 +295,14 @@ def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, re
     print("|---|---|---|---|---|---|")
     for (name, N, k), per_model in rows.items():
         dev, blocks, secs = zip(*per_model)
-        print(f"| {name} | {N} | {k if k < N else '-'} | {blocks[0]:.0f} | {spread(dev)} | {spread(secs, '.2f')} |")
+        print(f"| {name} | {N} | {k if k < N else '-'} | {sum(blocks) / len(blocks):.0f} | {spread(dev)} | "
+              f"{spread(secs, '.2f')} |")
     mean = {key: sum(r[0] for r in v) / len(v) for key, v in rows.items()}
     n_max = max(step_counts)
-    target, base_blocks = mean["Euler", n_max, n_max], rows["Euler", n_max, n_max][0][1]
+    blocks = {key: sum(r[1] for r in v) / len(v) for key, v in rows.items()}
+    target, base_blocks = mean["Euler", n_max, n_max], blocks["Euler", n_max, n_max]
     for name in SOLVERS:
-        fits = [(rows[key][0][1], key) for key in rows if key[0] == name and mean[key] <= target]
+        fits = [(blocks[key], key) for key in rows if key[0] == name and mean[key] <= target]
         if fits:
             blocks, (_, N, k) = min(fits)
             print(f"{name}: the cheapest setting with a mean deviation at most Euler-{n_max}'s ({target:.4f}): N = {N}"
