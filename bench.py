@@ -297,17 +297,16 @@ def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, re
         dev, blocks, secs = zip(*per_model)
         print(f"| {name} | {N} | {k if k < N else '-'} | {sum(blocks) / len(blocks):.0f} | {spread(dev)} | "
               f"{spread(secs, '.2f')} |")
-    mean = {key: sum(r[0] for r in v) / len(v) for key, v in rows.items()}
+    mean = {key: [sum(r[c] for r in v) / len(v) for c in range(2)] for key, v in rows.items()}  # deviation, blocks
     n_max = max(step_counts)
-    blocks = {key: sum(r[1] for r in v) / len(v) for key, v in rows.items()}
-    target, base_blocks = mean["Euler", n_max, n_max], blocks["Euler", n_max, n_max]
+    target, base = mean["Euler", n_max, n_max]
     for name in SOLVERS:
-        fits = [(blocks[key], key) for key in rows if key[0] == name and mean[key] <= target]
+        fits = [(mean[key][1], key) for key in rows if key[0] == name and mean[key][0] <= target]
         if fits:
             blocks, (_, N, k) = min(fits)
             print(f"{name}: the cheapest setting with a mean deviation at most Euler-{n_max}'s ({target:.4f}): N = {N}"
-                  f"{f', K = {k}' if k < N else ''}, deviation {mean[name, N, k]:.4f}, {blocks:.0f} blocks per image "
-                  f"({base_blocks / blocks:.2f}x fewer than Euler-{n_max})")
+                  f"{f', K = {k}' if k < N else ''}, deviation {mean[name, N, k][0]:.4f}, {blocks:.0f} blocks per "
+                  f"image ({base / blocks:.2f}x fewer than Euler-{n_max})")
 
 
 def sde_check(models, shape, device, precision, num_steps, data_dir, per_class, cfg_scale):
