@@ -1,17 +1,20 @@
 """
-Sample images from a DDT: the released Euler sampler, classifier-free guidance on an interval, and
-encoder sharing (run the condition encoder at K of the N steps, the steps chosen by a dynamic program).
+Sample images from a DDT with the released samplers (Euler, its stochastic step rules, and the Adams linear
+multistep solver of order 1-3, all one loop), classifier-free guidance on an interval, and encoder sharing
+(run the condition encoder at K of the N steps, the steps chosen by a dynamic program), for every solver.
 
     python sample.py --ckpt out/ckpt.pt --num-samples 16 --out grid.png               # project checkpoint
     python sample.py --ckpt ddt_xl_256.ckpt --model DDT-XL/2 --vae sd-vae-ft-ema \\
         --classes 207 360 387 974 --cfg-scale 2.0 --out grid.png                       # released weights
     torchrun --nproc_per_node 8 sample.py --ckpt ddt_xl_256.ckpt --vae sd-vae-ft-ema \\
         --num-samples 50000 --cfg-scale 2.0 --encoder-steps 125 --npz samples.npz      # ADM evaluator input
+    python sample.py --ckpt out/ckpt.pt --solver adams --order 2 --num-steps 100 --encoder-steps 50  # Adams-2
 
 Project checkpoints carry their config and data description; released (Lightning) ones take --model
 (DDT-XL/2) and --image-size (256), and are ImageNet models on SD-VAE latents. The noise of sample i depends
-only on (--seed, i), so the images do not depend on the number of ranks (nor, on the CPU, on the batch
-size; GPU kernels may round differently at other batch sizes). With --npz,
+only on (--seed, i), and so does the noise the --sde steps add (drawn from the same per-image generator), so
+the images do not depend on the number of ranks (nor, on the CPU, on the batch size; GPU kernels may round
+differently at other batch sizes). With --npz,
 finished batches go to NPZ_parts/ and a rerun skips them; SIGTERM, SIGUSR1 or SIGINT stops every rank after its
 batch in progress, keeping the finished ones, with exit status ddt.EXIT_STOPPED (75); one run at a time per
 --npz (rank 0 locks NPZ.lock, removed when the run ends). Checkpoints are read
@@ -40,7 +43,7 @@ from tqdm import tqdm
 import ddt
 
 # -----------------------------------------------------------------------------------------------
-# timesteps and guidance
+# timesteps, guidance, noise and the solvers
 
 
 def timesteps(num_steps, last_step=0.04, timeshift=1.0):
@@ -69,20 +72,73 @@ def plan_halves(guided, encoder_runs):
     return both
 
 
+def draw_noise(generators, shape):
+    """(len(generators), *shape) float32: the next draw of each image's generator."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def image_noise(seed, indices, shape):
+    """(noise, generators): image i's initial noise is the first draw of a CPU generator seeded by (seed, i)
+    alone, and the SDE steps draw their noise from the same generator after it, so a sample never depends on
+    the batch or the rank it is drawn in."""
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+    return draw_noise(generators, shape), generators
+
+
+def sample_noise(seed, indices, shape):
+    """(len(indices), *shape) float32 noise; sample i's depends only on (seed, i), never on batch or rank."""
+    return image_noise(seed, indices, shape)[0]
+
+
+def adams_coefficients(t, order):
+    """Per step i, the weights c_i of the last m = min(order, i + 1) velocities (oldest first), as the released
+    AdamLMSampler computes them (lagrange_preint): the integral over [t_i, t_i+1] of the Lagrange basis
+    polynomial of each of the nodes t_i-m+1 .. t_i, normalised to sum to 1. The order warms up over the first
+    steps (1, 2, ..); order 1 is Euler, c_i = [1.0]. float64 (the released code computes them in float32)."""
+    t = t.double().numpy()
+    coeffs = []
+    for i in range(len(t) - 1):
+        nodes, c = t[max(0, i + 1 - order): i + 1], []
+        for j in range(len(nodes)):
+            others = np.delete(nodes, j)
+            basis = np.polyint(np.atleast_1d(np.poly(others)) / np.prod(nodes[j] - others))  # integral of l_j
+            c.append(np.polyval(basis, t[i + 1]) - np.polyval(basis, t[i]))
+        coeffs.append([float(c_j / sum(c)) for c_j in c])
+    return coeffs
+
+
+# the released stochastic step rules: x + v dt + a s w dt + sqrt(b w dt) eps, name -> (a, b)
+SDE_RULES = {"sde": (1.0, 2.0), "sde-mean": (1.0, 0.0), "sde-preserve": (0.5, 1.0)}
+
+
 @torch.no_grad()
-def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04,
-                 timeshift=1.0, encoder_steps=None, stats=None, record_z=None, both_halves=False):
-    """Integrate dx/dt = v(x, t) from noise (t = 0) to data (t = 1) with Euler steps; returns the final x.
+def sample_loop(model, noise, y, num_steps=250, order=1, sde="none", generators=None, cfg_scale=1.0,
+                cfg_interval=(0.3, 1.0), last_step=0.04, timeshift=1.0, encoder_steps=None, stats=None,
+                record_z=None, record_x=None, both_halves=False):
+    """The one sampling loop: from noise (t = 0) to data (t = 1) on the released times; returns the final x.
+    Each step computes the velocity v_i (below), then moves x by the solver's rule:
+
+        order 1 (Euler), 2, 3 (Adams):  x <- x + (t_i+1 - t_i) * sum_j c_ij v_i-m+1+j   (c: adams_coefficients)
+        sde in SDE_RULES (order 1):     x <- x + v_i dt + a s w dt + sqrt(b w dt) eps,  score s = (t v_i - x) / (1 - t),
+                                        w = 1 - t (the linear scheduler's w(t) = sigma(t)), eps from `generators`
+                                        (one per image: image_noise); the last step is the ODE step, as released
 
     v = v_null + cfg_scale * (v_cond - v_null) at steps with interval_min < t < interval_max, the conditional
     v elsewhere (where only the conditional half runs, unless `both_halves`: the unconditional half at every
     step, as the released sampler runs it). `encoder_steps`: sorted step indices where the encoder runs
     (None = all, must contain 0); the other steps reuse the latest z. Optional outputs: `stats` gets
     "encoder_evals" / "decoder_evals" (images) added, `record_z` gets each computed z (float32, cpu; (B, N, D),
-    or (2B, N, D) conditional half first where both halves ran) appended. The result equals running both
-    halves at every step.
+    or (2B, N, D) conditional half first where both halves ran) appended, `record_x` each step's input x
+    (B, C, H, W). The result equals running both halves at every step.
     """
     B = noise.shape[0]
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    if sde != "none" and (sde not in SDE_RULES or order != 1):
+        raise ValueError(f"sde must be 'none' or one of {list(SDE_RULES)}, with order 1 (the released Adams "
+                         f"sampler has only the ODE step), got sde={sde!r}, order={order}")
+    if sde != "none" and SDE_RULES[sde][1] and (generators is None or len(generators) != B):
+        raise ValueError(f"sde={sde!r} draws noise from one generator per image: pass generators (image_noise)")
     if encoder_steps is None:
         encoder_steps = range(num_steps)
     encoder_steps = list(encoder_steps)
@@ -91,6 +147,7 @@ def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.
         raise ValueError(f"encoder_steps must be sorted distinct steps in [0, {num_steps}) starting with 0, "
                          f"got {encoder_steps}")
     t = timesteps(num_steps, last_step, timeshift)
+    coeffs = adams_coefficients(t, order)
     encoder_runs = [False] * num_steps
     for i in encoder_steps:
         encoder_runs[i] = True
@@ -99,12 +156,14 @@ def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.
     t = t.to(noise.device, noise.dtype)
     y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])  # (2B,) conditional half first, then null
     stats = {} if stats is None else stats
-    x, z = noise, None
+    x, z, history = noise, None, []  # history: the last `order` velocities
     for i in range(num_steps):
+        if record_x is not None:
+            record_x.append(x)
         n = 2 * B if both[i] else B
         x_in = torch.cat([x, x]) if both[i] else x  # (n, C, H, W), n = B or 2B
         v, z_i = model(x_in, t[i].repeat(n), y2[:n], None if encoder_runs[i] else z[:n])
-        v = v.float()  # guidance and the Euler step in float32, also under bf16 autocast
+        v = v.float()  # guidance and the step in float32, also under bf16 autocast
         if encoder_runs[i]:
             z = z_i  # (n, N, D), reused until the next encoder step
             stats["encoder_evals"] = stats.get("encoder_evals", 0) + n
@@ -116,8 +175,30 @@ def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.
             v = v_null + cfg_scale * (v_cond - v_null)
         else:
             v = v[:B]
-        x = x + v * (t[i + 1] - t[i])
+        dt, history = t[i + 1] - t[i], (history + [v])[-order:]
+        if sde == "none" or i == num_steps - 1:  # Euler / Adams: a weighted sum of the last velocities
+            x = x + sum(c * v_j for c, v_j in zip(coeffs[i], history[-len(coeffs[i]):])) * dt
+        else:
+            (a, b), w = SDE_RULES[sde], 1 - t[i]
+            s = (t[i] * v - x) / (1 - t[i])  # the score from v, for the linear scheduler (alpha = t, sigma = 1 - t)
+            x = x + v * dt + a * s * w * dt
+            if b:
+                x = x + torch.sqrt(b * w * dt) * draw_noise(generators, x.shape[1:]).to(x.device)
     return x
+
+
+def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04,
+                 timeshift=1.0, encoder_steps=None, stats=None, record_z=None, both_halves=False):
+    """The released EulerSampler's ODE (x <- x + v dt): sample_loop with order 1."""
+    return sample_loop(model, noise, y, num_steps, 1, "none", None, cfg_scale, cfg_interval, last_step, timeshift,
+                       encoder_steps, stats, record_z, None, both_halves)
+
+
+def adams_sample(model, noise, y, num_steps=250, order=2, cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04,
+                 timeshift=1.0, encoder_steps=None, stats=None, record_z=None, both_halves=False):
+    """The released AdamLMSampler (its default order 2): sample_loop with `order` (1 is Euler)."""
+    return sample_loop(model, noise, y, num_steps, order, "none", None, cfg_scale, cfg_interval, last_step,
+                       timeshift, encoder_steps, stats, record_z, None, both_halves)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -170,16 +251,12 @@ def uniform_schedule(n, k):
     return [(2 * i * n + k) // (2 * k) for i in range(k)]  # round half up, in integers
 
 
-def sample_noise(seed, indices, shape):
-    """(len(indices), *shape) float32 noise; sample i's depends only on (seed, i), never on batch or rank."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                        for i in indices])
-
-
 def calibration_batch(latent_shape, num_classes, batch_size, seed, device):
-    """The calibration batch both costs are measured on: (noise, labels spread over the classes)."""
+    """The calibration batch both costs are measured on: (noise, labels spread over the classes, the images'
+    generators for the SDE steps)."""
     y = torch.tensor([i * num_classes // batch_size for i in range(batch_size)], device=device)
-    return sample_noise(seed, range(batch_size), latent_shape).to(device), y
+    noise, generators = image_noise(seed, range(batch_size), latent_shape)
+    return noise.to(device), y, generators
 
 
 def measure_sharing_cost(model, num_steps, latent_shape, num_classes=None, batch_size=8, seed=0, device=None,
@@ -187,12 +264,14 @@ def measure_sharing_cost(model, num_steps, latent_shape, num_classes=None, batch
     """The paper's proxy: (N, N) float64 cost[i, j] = 1 - cos(z_i, z_j), averaged over the tokens of both
     guidance halves (conditional and unconditional, with or without guidance, as the released sharing_dp
     averages them) of a small seeded batch, cosine over D, from one sampling run with the encoder and both
-    halves at every step. Symmetric, zero diagonal. Costs one unshared sampling run of 2 x batch_size images."""
+    halves at every step, along the trajectory of the solver that `sampler_kwargs` (order, sde, guidance, ..
+    of sample_loop) choose. Symmetric, zero diagonal. Costs one unshared sampling run of 2 x batch_size images."""
     K = model.cfg.num_classes if num_classes is None else num_classes
     device = next(model.parameters()).device if device is None else device
-    noise, y = calibration_batch(latent_shape, K, batch_size, seed, device)
+    noise, y, generators = calibration_batch(latent_shape, K, batch_size, seed, device)
     zs = []  # num_steps x (2B, tokens, D)
-    euler_sample(model, noise, y, num_steps, encoder_steps=None, record_z=zs, both_halves=True, **sampler_kwargs)
+    sample_loop(model, noise, y, num_steps, generators=generators, encoder_steps=None, record_z=zs, both_halves=True,
+                **sampler_kwargs)
     gram = torch.zeros(num_steps, num_steps, dtype=torch.float64)
     for b in range(2 * batch_size):  # one image at a time keeps the float64 copy small
         zb = F.normalize(torch.stack([z[b] for z in zs]).double(), dim=-1).flatten(1)  # (num_steps, tokens * D)
@@ -208,48 +287,50 @@ def reuse_cap(n, k):
 
 @torch.no_grad()
 def measure_velocity_cost(model, num_steps, latent_shape, num_classes=None, batch_size=8, seed=0, device=None,
-                          max_reuse=None, cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04, timeshift=1.0):
+                          max_reuse=None, order=1, sde="none", cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04,
+                          timeshift=1.0):
     """An error-aware cost: (N, N) float64 cost[i, j], j <= i, the error that reusing z_j at step i puts
     into the sample, on the calibration batch of measure_sharing_cost:
 
         cost[i, j] = RMS((v_i(z_j) - v_i(z_i)) * (t_{i+1} - t_i)) / RMS(x_N)
 
-    v_i(z) the decoder's velocity at (x_i, t_i) of the unshared trajectory given z, guided as euler_sample
-    guides it (at a guided step both halves reuse their own z_j), RMS over the whole batch, x_N the unshared
-    sample. If every step's error reached the sample unchanged, the sum along a schedule would bound its
-    relative RMS deviation from the unshared sample (triangle inequality). Only i - j <= max_reuse
-    (None: all) is measured; farther entries are inf, so solve_sharing never reuses that far; j > i is 0.
-    Costs one unshared sampling run (2 x batch_size images where any step is guided) plus about
-    N * max_reuse decoder passes on as many images.
+    v_i(z) the decoder's velocity at (x_i, t_i) of the unshared trajectory of the solver (order, sde) given z,
+    guided as sample_loop guides it (at a guided step both halves reuse their own z_j), RMS over the whole
+    batch, x_N the unshared sample. If every step's error reached the sample unchanged (an Euler step), the sum
+    along a schedule would bound its relative RMS deviation from the unshared sample (triangle inequality).
+    Only i - j <= max_reuse (None: all) is measured; farther entries are inf, so solve_sharing never reuses that
+    far; j > i is 0. Costs one unshared sampling run (2 x batch_size images where any step is guided) plus
+    about N * max_reuse decoder passes on as many images, and keeps every step's z on the CPU.
     """
     K = model.cfg.num_classes if num_classes is None else num_classes
     device = next(model.parameters()).device if device is None else device
     N, cap = num_steps, num_steps - 1 if max_reuse is None else max_reuse
-    x, y = calibration_batch(latent_shape, K, batch_size, seed, device)
-    B = x.shape[0]
+    noise, y, generators = calibration_batch(latent_shape, K, batch_size, seed, device)
+    B = noise.shape[0]
     t = timesteps(N, last_step, timeshift)
     guided = guided_steps(t[:N], cfg_scale, cfg_interval)
-    t = t.to(device, x.dtype)
+    t = t.to(device, noise.dtype)
     n = 2 * B if any(guided) else B  # the null half's z is needed at every step if any step is guided
-    y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])[:n]  # (n,) conditional half first
-    zs, err = [], torch.zeros(N, N, dtype=torch.float64)  # zs: the last cap + 1 z's, each (n, tokens, D)
+    xs, zs = [], []  # the trajectory: each step's x (B, C, H, W) and z (n, tokens, D)
+    x_N = sample_loop(model, noise, y, N, order, sde, generators, cfg_scale, cfg_interval, last_step, timeshift,
+                      record_z=zs, record_x=xs, both_halves=n == 2 * B)
+    err, window = torch.zeros(N, N, dtype=torch.float64), []  # window: z_j for j = i - len + 1 .. i
     per_call = max(1, 512 // n)  # z's per decoder call: batches of ~512 images
     for i in range(N):
-        x_in = torch.cat([x, x]) if n == 2 * B else x  # (n, C, H, W)
-        zs = (zs + [model.encode(x_in, t[i].repeat(n), y2)])[-(cap + 1):]  # z_j for j = i - len + 1 .. i
+        x_in = torch.cat([xs[i], xs[i]]) if n == 2 * B else xs[i]  # (n, C, H, W)
+        window = (window + [zs[i].to(device)])[-(cap + 1):]
         h, v = n if guided[i] else B, []  # images the step's velocity needs: both halves only when guided
-        for s in range(0, len(zs), per_call):  # the decoder at (x_i, t_i) with each z_j, in a few calls
-            m = len(zs[s: s + per_call])
+        for s in range(0, len(window), per_call):  # the decoder at (x_i, t_i) with each z_j, in a few calls
+            m = len(window[s: s + per_call])
             v.append(model.decode(x_in[:h].repeat(m, 1, 1, 1), t[i].repeat(m * h),
-                                  torch.cat([z[:h] for z in zs[s: s + per_call]])).float().unflatten(0, (m, h)))
-        v = torch.cat(v)  # (len(zs), h, C, H, W), the last one with z_i
+                                  torch.cat([z[:h] for z in window[s: s + per_call]])).float().unflatten(0, (m, h)))
+        v = torch.cat(v)  # (len(window), h, C, H, W), the last one with z_i
         if guided[i]:
             v_cond, v_null = v.chunk(2, dim=1)
-            v = v_null + cfg_scale * (v_cond - v_null)  # (len(zs), B, C, H, W)
+            v = v_null + cfg_scale * (v_cond - v_null)  # (len(window), B, C, H, W)
         dt = t[i + 1] - t[i]
-        err[i, i - len(zs) + 1: i + 1] = ((v - v[-1]) * dt).pow(2).flatten(1).mean(1).sqrt().double().cpu()
-        x = x + v[-1] * dt
-    cost = err / x.float().pow(2).mean().sqrt().item()
+        err[i, i - len(window) + 1: i + 1] = ((v - v[-1]) * dt).pow(2).flatten(1).mean(1).sqrt().double().cpu()
+    cost = err / x_N.float().pow(2).mean().sqrt().item()
     cost[torch.arange(N)[:, None] - torch.arange(N)[None, :] > cap] = math.inf  # beyond the cap: not measured
     return cost.numpy()
 
@@ -305,7 +386,8 @@ def read_json(path):
 def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs):
     """--encoder-steps K with --sharing uniform|dp|dp-velocity: the DP on the paper's cosine cost
     (measure_sharing_cost) or on the velocity error (measure_velocity_cost, reuse up to reuse_cap(N, K) steps
-    back). A DP schedule is cached as JSON next to the checkpoint, keyed by everything it depends on."""
+    back), both measured along the trajectory of the chosen solver. A DP schedule is cached as JSON next to the
+    checkpoint, keyed by everything it depends on (the solver, its order and step rule too)."""
     N = args.num_steps
     if k == N:
         return None
@@ -313,7 +395,8 @@ def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs)
         return uniform_schedule(N, k)
     velocity = args.sharing == "dp-velocity"
     precision = str(autocast.fast_dtype).removeprefix("torch.") if isinstance(autocast, torch.autocast) else "float32"
-    key = json.dumps(dict(sharing=args.sharing, num_steps=N, k=k, cfg_scale=args.cfg_scale,
+    key = json.dumps(dict(sharing=args.sharing, solver=args.solver, order=args.order, sde=args.sde, num_steps=N, k=k,
+                          cfg_scale=args.cfg_scale,
                           cfg_interval=args.cfg_interval, timeshift=args.timeshift, last_step=args.last_step,
                           latent_shape=list(latent_shape), precision=precision, device=device.type,
                           max_reuse=reuse_cap(N, k) if velocity else None, model=asdict(model.cfg),
@@ -324,8 +407,8 @@ def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs)
         if key in (cache := read_json(path)):
             print(f"encoder steps ({name}, cached in {path}): {cache[key]['steps']}")
             return cache[key]["steps"]
-    kw = dict(device=device, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, last_step=args.last_step,
-              timeshift=args.timeshift)
+    kw = dict(device=device, order=args.order, sde=args.sde, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+              last_step=args.last_step, timeshift=args.timeshift)
     with autocast:
         if velocity:
             cost = measure_velocity_cost(model, N, latent_shape, max_reuse=reuse_cap(N, k), **kw)
@@ -379,6 +462,12 @@ def main(argv=None):
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class of each sample (cycled)")
     p.add_argument("--num-samples", type=int, default=None, help="default: len(--classes), else 8")
     p.add_argument("--num-steps", type=int, default=250)
+    p.add_argument("--solver", choices=["euler", "adams"], default="euler",
+                   help="euler: the released EulerSampler; adams: the released AdamLMSampler (linear multistep)")
+    p.add_argument("--order", type=int, choices=[1, 2, 3], default=None,
+                   help="--solver adams: how many past velocities each step combines (default 2, as released)")
+    p.add_argument("--sde", choices=["none", *SDE_RULES], default="none",
+                   help="--solver euler: the released stochastic step rule (default none: the ODE)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (paper: 2.0 at 256 px)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.3, 1.0], metavar=("MIN", "MAX"))
     p.add_argument("--timeshift", type=float, default=1.0)
@@ -402,6 +491,13 @@ def main(argv=None):
                         ("--num-samples", args.num_samples or 1)):
         if value < 1:
             raise SystemExit(f"error: {flag} must be at least 1, got {value}")
+    if args.order is not None and args.solver != "adams":
+        raise SystemExit(f"error: --order {args.order} is for --solver adams (Euler is order 1); add --solver adams "
+                         f"or drop --order")
+    if args.sde != "none" and args.solver != "euler":
+        raise SystemExit(f"error: --sde {args.sde} is for --solver euler: the released AdamLMSampler has only the ODE "
+                         f"step; use --solver euler --sde {args.sde}, or drop --sde")
+    args.order = (args.order or 2) if args.solver == "adams" else 1
     if args.encoder_steps is not None and not 1 <= args.encoder_steps <= args.num_steps:
         raise SystemExit(f"error: --encoder-steps must be between 1 and --num-steps ({args.num_steps}), "
                          f"got {args.encoder_steps}")
@@ -469,7 +565,8 @@ def run(args, rank, world, device, received):
                                  [os.path.dirname(os.path.abspath(args.ckpt)), out_dir])
     steps = ddt.from_rank0(steps)
 
-    settings = dict(weights=digest, seed=args.seed, num_steps=args.num_steps, cfg=[args.cfg_scale] + args.cfg_interval,
+    settings = dict(weights=digest, seed=args.seed, num_steps=args.num_steps, solver=args.solver, order=args.order,
+                    sde=args.sde, cfg=[args.cfg_scale] + args.cfg_interval,
                     timeshift=args.timeshift, last_step=args.last_step, encoder_steps=steps, bf16=bf16, vae=args.vae,
                     classes=classes, latent_shape=list(latent_shape), model=asdict(model.cfg))
     tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # parts of other settings never mix in
@@ -500,11 +597,11 @@ def run(args, rank, world, device, received):
         if r == len(mine):
             continue
         s, e = mine[r]
-        noise = sample_noise(args.seed, range(s, e), latent_shape).to(device)  # (b, C, H, W)
+        noise, generators = image_noise(args.seed, range(s, e), latent_shape)  # (b, C, H, W), one generator each
         with autocast:
-            x = euler_sample(model, noise, torch.tensor(labels[s:e], device=device), args.num_steps,
-                             args.cfg_scale, tuple(args.cfg_interval), args.last_step, args.timeshift, steps,
-                             stats=stats)
+            x = sample_loop(model, noise.to(device), torch.tensor(labels[s:e], device=device), args.num_steps,
+                            args.order, args.sde, generators, args.cfg_scale, tuple(args.cfg_interval), args.last_step,
+                            args.timeshift, steps, stats=stats)
         with torch.no_grad():
             img = to_uint8(x if pixel else vae.decode(x.float() / scale))  # (b, H, W, 3) uint8
         if parts:

@@ -849,7 +849,7 @@ def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
     assert Image.open(tmp_path / "a.png").size[0] == 4 * 64  # a column per class, 8 px images shown at 64 px
 
     # resume: the first run dies after one batch; the rerun reads the DP schedule from the cache and samples the rest
-    real, calls = sample.euler_sample, []
+    real, calls = sample.sample_loop, []
 
     def dies_after_one(*a, **k):
         if calls:
@@ -857,7 +857,7 @@ def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(sample, "euler_sample", dies_after_one)
+    monkeypatch.setattr(sample, "sample_loop", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         cli(monkeypatch, *args, "--npz", tmp_path / "b.npz")
     assert len(os.listdir(tmp_path / "b_parts")) == 1
@@ -867,7 +867,7 @@ def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
         calls.append(2)
         return real(*a, **k)
 
-    monkeypatch.setattr(sample, "euler_sample", counting)
+    monkeypatch.setattr(sample, "sample_loop", counting)
     cli(monkeypatch, *args, "--npz", tmp_path / "b.npz", "--out", tmp_path / "b.png")
     assert "cached" in capsys.readouterr().out and calls.count(2) == 2  # batches [4, 8) and [8, 10)
     with np.load(tmp_path / "b.npz") as f:
@@ -926,6 +926,264 @@ def test_two_ranks_give_the_same_npz(tmp_path, monkeypatch):
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["arr_1"], b["arr_1"])
         assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # batch-size rounding only
+
+
+# ----------------------------------------------------------------------------------------------- solvers (issue 18)
+
+
+@pytest.fixture(scope="module")
+def golden_samplers():
+    return torch.load(os.path.join(TESTDATA, "samplers_official_tiny.pt"), weights_only=True)
+
+
+def test_released_samplers_golden(tiny_ddt, golden_samplers):
+    # AdamLMSampler (orders 1-3, with and without state_refresh_rate, a time shift) and EulerSampler with each
+    # step function, run by the released code at the same noise (see the file's note)
+    g, s = golden_samplers, golden_samplers["settings"]
+    N, y, shape = s["num_steps"], torch.tensor(s["labels"]), tuple(s["latent_shape"])
+    assert torch.equal(sample.image_noise(s["seed"], range(len(y)), shape)[0], g["noise"])
+    outputs = {}
+    for c in g["cases"]:
+        noise, generators = sample.image_noise(s["seed"], range(len(y)), shape)
+        steps = list(range(0, N, c["state_refresh_rate"]))
+        x = sample.sample_loop(tiny_ddt, noise, y, N, c["order"], c["sde"], generators, s["guidance"],
+                               tuple(s["interval"]), s["last_step"], c["timeshift"], steps)
+        assert rel_err(x, c["x"]) < 2e-6, (c["sampler"], c["order"], c["sde"], rel_err(x, c["x"]))
+        outputs[c["sampler"], c["order"], c["sde"], c["state_refresh_rate"], c["timeshift"]] = c["x"]
+        if c["sampler"] == "adams":
+            if c["sde"] == "none" and c["timeshift"] == 1.0:
+                x2 = sample.adams_sample(tiny_ddt, noise, y, N, c["order"], s["guidance"], tuple(s["interval"]),
+                                         s["last_step"], c["timeshift"], steps)
+                assert torch.equal(x, x2)  # the wrapper is the loop
+            mine = sample.adams_coefficients(sample.timesteps(N, s["last_step"], c["timeshift"]), c["order"])
+            assert [len(r) for r in mine] == [len(r) for r in c["coeffs"]] == [min(c["order"], i + 1) for i in range(N)]
+            diff = max(abs(a - b) for ra, rb in zip(mine, c["coeffs"]) for a, b in zip(ra, rb))
+            assert diff < (3e-4 if c["order"] == 3 else 3e-7)  # order 3: the released float32 cancellation
+    # the cases differ clearly, so each comparison above pins its own solver
+    ode = outputs["euler", 1, "none", 1, 1.0]
+    for key in [("adams", 2, "none", 1, 1.0), ("adams", 3, "none", 1, 1.0), ("euler", 1, "sde", 1, 1.0),
+                ("euler", 1, "sde-mean", 1, 1.0), ("euler", 1, "sde-preserve", 1, 1.0), ("euler", 1, "sde", 3, 1.0)]:
+        assert rel_err(outputs[key], ode) > 1e-3, key
+    assert torch.equal(outputs["adams", 1, "none", 1, 1.0], ode)  # Adams of order 1 is Euler
+
+
+def test_adams_coefficients_exact_where_the_released_float32_ones_are_not(golden_samplers):
+    for n, released in golden_samplers["order3_coeffs"].items():
+        t = sample.timesteps(n)
+        mine = sample.adams_coefficients(t, 3)
+        even = [i for i in range(2, n - 1)]  # the grid is even up to t = 0.96 (float32 linspace: to 1e-5)
+        ab3 = np.array([5, -16, 23]) / 12  # the classical 3-step Adams-Bashforth weights
+        assert np.abs(np.array([mine[i] for i in even]) - ab3).max() < 1e-3 * n / 100
+        assert all(abs(sum(r) - 1) < 1e-12 for r in mine)
+        off = (released[2:].double() - torch.tensor(mine[2:])).abs().nan_to_num(nan=math.inf)
+        assert off.max() > 0.1  # released: up to 0.2 off at N = 100, and non-finite at N = 250
+    assert not torch.isfinite(golden_samplers["order3_coeffs"][250]).all()
+
+
+def test_sde_samples_do_not_depend_on_batching(tiny_ddt):
+    shape, y = (4, 8, 8), torch.tensor([0, 1, 2, 3, 4])
+    for sde in ("sde", "sde-preserve"):
+        noise, gens = sample.image_noise(7, range(5), shape)
+        full = sample.sample_loop(tiny_ddt, noise, y, 6, sde=sde, generators=gens, cfg_scale=2.0, encoder_steps=[0, 3])
+        parts = []
+        for s, e in [(0, 2), (2, 5)]:
+            noise, gens = sample.image_noise(7, range(s, e), shape)
+            parts.append(sample.sample_loop(tiny_ddt, noise, y[s:e], 6, sde=sde, generators=gens, cfg_scale=2.0,
+                                            encoder_steps=[0, 3]))
+        assert torch.allclose(full, torch.cat(parts), atol=1e-5)
+        other, gens = sample.image_noise(8, range(5), shape)  # other noise: other samples (the test can fail)
+        noise, _ = sample.image_noise(7, range(5), shape)
+        x = sample.sample_loop(tiny_ddt, noise, y, 6, sde=sde, generators=gens, cfg_scale=2.0, encoder_steps=[0, 3])
+        assert (x - full).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="generator"):
+        sample.sample_loop(tiny_ddt, noise, y, 6, sde="sde")
+    for bad in (dict(order=4), dict(order=2, sde="sde", generators=gens), dict(sde="ode")):
+        with pytest.raises(ValueError, match="order"):
+            sample.sample_loop(tiny_ddt, noise, y, 6, **bad)
+
+
+def adams_reference(model, noise, y, N, order, w, interval=(0.3, 1.0)):
+    """Adams written out, both halves at every step: (x_i list, z_i list (2B, tokens, D), x_N)."""
+    t, c = sample.timesteps(N), sample.adams_coefficients(sample.timesteps(N), order)
+    y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])
+    x, xs, zs, vs = noise, [], [], []
+    with torch.no_grad():
+        for i in range(N):
+            v, z = model(torch.cat([x, x]), t[i].repeat(2 * len(y)), y2)
+            xs.append(x)
+            zs.append(z)
+            v_cond, v_null = v.chunk(2)
+            vs.append(v_null + w * (v_cond - v_null) if interval[0] < t[i] < interval[1] else v_cond)
+            x = x + sum(c_j * v_j for c_j, v_j in zip(c[i], vs[-len(c[i]):])) * (t[i + 1] - t[i])
+    return xs, zs, x
+
+
+def test_sharing_costs_follow_the_solvers_trajectory():
+    model, N, B, w, shape = tiny_model(), 7, 3, 2.5, (4, 8, 8)
+    noise, y, _ = sample.calibration_batch(shape, model.cfg.num_classes, B, 0, torch.device("cpu"))
+    xs, zs, x_N = adams_reference(model, noise, y, N, 2, w)
+    zn = F.normalize(torch.stack(zs).double(), dim=-1)  # (N, 2B, tokens, D)
+    direct = 1 - torch.einsum("ibnd,jbnd->ij", zn, zn).numpy() / (2 * B * zn.shape[2])
+    cos2 = sample.measure_sharing_cost(model, N, shape, batch_size=B, cfg_scale=w, order=2)
+    assert np.allclose(cos2, direct, atol=1e-6)
+    assert np.abs(cos2 - sample.measure_sharing_cost(model, N, shape, batch_size=B, cfg_scale=w)).max() > 1e-4
+    t = sample.timesteps(N)
+    with torch.no_grad():
+        def v_at(i, z):
+            v = model.decode(torch.cat([xs[i], xs[i]]), t[i].repeat(2 * B), z)
+            v_cond, v_null = v.chunk(2)
+            return v_null + w * (v_cond - v_null) if 0.3 < t[i] < 1.0 else v_cond
+        vel = np.zeros((N, N))
+        for i in range(N):
+            for j in range(i + 1):
+                vel[i, j] = ((v_at(i, zs[j]) - v_at(i, zs[i])) * (t[i + 1] - t[i])).pow(2).mean().sqrt() \
+                    / x_N.pow(2).mean().sqrt()
+    vel2 = sample.measure_velocity_cost(model, N, shape, batch_size=B, cfg_scale=w, order=2)
+    assert np.allclose(vel2, vel, rtol=1e-4, atol=1e-7), np.abs(vel2 - vel).max()
+    assert np.abs(vel2 - sample.measure_velocity_cost(model, N, shape, batch_size=B, cfg_scale=w)).max() > 1e-5
+
+
+def test_sharing_cache_distinguishes_solvers(tmp_path, monkeypatch, capsys):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    model, seen = ddt.load_ddt(ckpt), []
+    real = sample.measure_sharing_cost
+    monkeypatch.setattr(sample, "measure_sharing_cost", lambda *a, **k: seen.append((k["order"], k["sde"])) or real(*a, **k))
+    args = argparse.Namespace(ckpt=ckpt, num_steps=6, cfg_scale=2.0, cfg_interval=[0.3, 1.0], timeshift=1.0,
+                              last_step=0.04, sharing="dp")
+    solvers = [("euler", 1, "none"), ("adams", 2, "none"), ("adams", 3, "none"), ("euler", 1, "sde")]
+    for solver, order, sde in solvers + solvers:  # the second round comes from the cache
+        args.solver, args.order, args.sde = solver, order, sde
+        sample.sharing_schedule(args, 3, model, (3, 8, 8), torch.device("cpu"), nullcontext(), [str(tmp_path)])
+    assert seen == [(1, "none"), (2, "none"), (3, "none"), (1, "sde")]
+    assert capsys.readouterr().out.count("cached") == 4
+    keys = [json.loads(k) for k in json.load(open(ckpt + ".sharing.json"))]
+    assert sorted((k["solver"], k["order"], k["sde"]) for k in keys) == sorted(solvers)
+
+
+def test_cli_solver_flags(tmp_path, monkeypatch, capsys):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    base = ["--ckpt", ckpt, "--num-steps", 4, "--out", tmp_path / "g.png"]
+    with pytest.raises(SystemExit, match="--order 2 is for --solver adams"):
+        cli(monkeypatch, *base, "--order", 2)
+    with pytest.raises(SystemExit, match="--sde sde is for --solver euler"):
+        cli(monkeypatch, *base, "--solver", "adams", "--sde", "sde")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli(monkeypatch, *base, "--solver", "adams", "--order", 4)
+    assert "--order: invalid choice: 4 (choose from 1, 2, 3)" in capsys.readouterr().err
+    # Adams-2 with a DP schedule end to end: the .npz equals adams_sample with the cached schedule
+    args = ["--ckpt", ckpt, "--num-samples", 4, "--num-steps", 8, "--cfg-scale", 2.0, "--encoder-steps", 4,
+            "--solver", "adams", "--order", 2]
+    cli(monkeypatch, *args, "--npz", tmp_path / "a.npz")
+    (key, entry), = json.load(open(ckpt + ".sharing.json")).items()
+    assert (json.loads(key)["solver"], json.loads(key)["order"]) == ("adams", 2)
+    model = ddt.load_ddt(ckpt)
+    assert entry["steps"] == sample.solve_sharing(sample.measure_sharing_cost(model, 8, (3, 8, 8), cfg_scale=2.0,
+                                                                              order=2), 4)
+    x = sample.adams_sample(model, sample.sample_noise(0, range(4), (3, 8, 8)), torch.tensor([0, 1, 2, 3]), 8, 2,
+                            2.0, encoder_steps=entry["steps"])
+    with np.load(tmp_path / "a.npz") as f:
+        assert np.abs(f["arr_0"].astype(int) - sample.to_uint8(x).astype(int)).max() <= 1
+
+
+def test_two_ranks_give_the_same_sde_npz(tmp_path, monkeypatch):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    args = ["--ckpt", ckpt, "--num-samples", 7, "--num-steps", 5, "--cfg-scale", 2.0, "--sde", "sde", "--seed", 3,
+            "--encoder-steps", 3]
+    cli(monkeypatch, *args, "--batch-size", 4, "--npz", tmp_path / "one.npz")  # one process
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # two CPU ranks, also on a one-GPU machine
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "sample.py", *map(str, args), "--batch-size", "2", "--npz", str(tmp_path / "two.npz")],
+                         cwd=HERE, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        assert np.array_equal(a["arr_1"], b["arr_1"])
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # batch-size rounding only
+        model = ddt.load_ddt(ckpt)
+        noise, gens = sample.image_noise(3, range(7), (3, 8, 8))
+        ode = sample.to_uint8(sample.euler_sample(model, noise, torch.tensor([i % 4 for i in range(7)]), 5, 2.0))
+        assert np.abs(a["arr_0"].astype(int) - ode.astype(int)).max() > 10  # the SDE noise is in the samples
+
+
+def table_rows(out):
+    """The cells of the rows of the last markdown table printed in `out`, without its header."""
+    lines = out.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("|---"))
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 1:] if line.startswith("|")]
+
+
+def test_bench_frontier_rows_are_the_solvers_deviations(capsys):
+    models, shape, y = [tiny_model(seed=0), tiny_model(seed=1)], (4, 8, 8), torch.tensor([0, 5])
+    bench.frontier(models, shape, torch.device("cpu"), "fp32", [4, 6], 2, 2.0, reference_steps=20)
+    rows = {tuple(r[:3]): r[3:5] for r in table_rows(capsys.readouterr().out)}
+    assert len(rows) == 2 * 3 * 2
+    noise = sample.sample_noise(1000, range(2), shape)
+    for (name, N, K), (blocks, dev) in rows.items():
+        order, N = bench.SOLVERS[name], int(N)
+        devs, work = [], []
+        for model in models:
+            steps = None if K == "-" else sample.solve_sharing(
+                sample.measure_sharing_cost(model, N, shape, order=order, cfg_scale=2.0), int(K))
+            stats = {}
+            x = sample.adams_sample(model, noise, y, N, order, 2.0, encoder_steps=steps, stats=stats)
+            devs.append(bench.deviation(x, sample.euler_sample(model, noise, y, 20, 2.0))[0])
+            work.append((2 * stats["encoder_evals"] + stats["decoder_evals"]) / 2)  # 2 + 1 blocks, batch 2
+        assert dev == bench.spread(devs) and blocks == f"{sum(work) / len(work):.0f}"
+    assert float(rows["Adams-2", "6", "-"][1].split()[0]) < float(rows["Euler", "6", "-"][1].split()[0])
+
+
+def test_bench_heatmap_marks_both_schedules(tmp_path):
+    rng = np.random.default_rng(0)
+    z = np.cumsum(rng.normal(size=(12, 6)), axis=0)  # a drifting z: cost grows away from the diagonal
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    cost = 1 - z @ z.T
+    dp, uni = bench.heatmap(str(tmp_path / "h.png"), cost, 4, "test")
+    assert dp == sample.solve_sharing(cost, 4) and uni == sample.uniform_schedule(12, 4) and dp != uni
+    img = np.asarray(Image.open(tmp_path / "h.png").convert("RGB"))
+    cell, top, left = 40, 34, 14  # 480 // 12 px per step
+
+    def at(i, j):  # the colour at the centre of cell (i, j)
+        return tuple(int(c) for c in img[top + i * cell + cell // 2, left + j * cell + cell // 2])
+
+    white, red = (255, 255, 255), (230, 30, 30)
+    for a, b in zip(dp, dp[1:] + [12]):  # the entries each schedule pays, cost[i, a]: DP below the diagonal
+        assert all(at(i, a) == white for i in range(a + 1, b))
+    for a, b in zip(uni, uni[1:] + [12]):  # uniform above it, transposed
+        assert all(at(a, i) == red for i in range(a + 1, b))
+    paid = {(i, a) for a, b in zip(dp, dp[1:] + [12]) for i in range(a, b)}
+    assert all(at(i, j) not in (white, red) for i in range(12) for j in range(i) if (i, j) not in paid)
+
+
+def test_bench_cli_modes(tmp_path, monkeypatch, capsys):
+    a, b = save_tiny_ckpt(tmp_path / "a.pt"), save_tiny_ckpt(tmp_path / "b.pt", in_channels=4)
+
+    def bench_cli(*argv):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *map(str, argv)])
+        bench.main()
+
+    with pytest.raises(SystemExit, match="need --sample --ckpt"):
+        bench_cli("--frontier")
+    with pytest.raises(SystemExit, match="share their config and latent shape"):
+        bench_cli("--sample", "--ckpt", a, b, "--heatmap", tmp_path / "h.png")
+    bench_cli("--sample", "--ckpt", a, "--heatmap", tmp_path / "h.png", "--num-steps", 6, "--encoder-steps", 2)
+    assert "wrote" in capsys.readouterr().out and Image.open(tmp_path / "h.png").size == (14 + 6 * 80 + 8, 34 + 480 + 30)
+
+
+def test_bench_sde_check_classifies_by_the_nearest_training_image(tmp_path, monkeypatch, capsys):
+    data = make_dataset(tmp_path / "data", n=20, num_classes=4)
+    model, shape = tiny_model(in_channels=3, num_classes=4), (3, 8, 8)
+    bench.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["ode", "sde", "sde-mean", "sde-preserve"]
+    assert all(0 <= float(r[1]) <= 100 and float(r[2]) > 0 for r in rows)
+    # an oracle sampler that returns a training image of the class asked for: 100% agreement at distance 0
+    lat = np.load(os.path.join(data, "latents.npy"))[:, 0].astype(np.float32)
+    labels = np.load(os.path.join(data, "labels.npy"))
+    first = {c: torch.from_numpy(lat[np.flatnonzero(labels == c)[0]]) for c in set(labels.tolist())}
+    monkeypatch.setattr(sample, "sample_loop", lambda m, noise, y, *a, **k: torch.stack([first[int(c)] for c in y]))
+    bench.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
+    assert all(float(r[1]) == 100.0 and float(r[2]) == 0.0 for r in table_rows(capsys.readouterr().out))
 
 
 # =============================================================================================
@@ -2385,7 +2643,7 @@ def test_gpu_inception_and_precision_recall_match_cpu(inception):
 
 def calibration_run(model, N, B, w, interval, shape=(4, 8, 8)):
     """The unshared sampler written out, both halves at every step: (x_i list, z_i list (2B, N, D), t, x_N)."""
-    noise, y = sample.calibration_batch(shape, model.cfg.num_classes, B, 0, torch.device("cpu"))
+    noise, y, _ = sample.calibration_batch(shape, model.cfg.num_classes, B, 0, torch.device("cpu"))
     t = sample.timesteps(N)
     y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])
     x, xs, zs = noise, [], []
@@ -2460,7 +2718,7 @@ def test_sharing_schedule_cache_key(tmp_path, monkeypatch, capsys):
         real = getattr(sample, name)
         monkeypatch.setattr(sample, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     args = argparse.Namespace(ckpt=ckpt, num_steps=6, cfg_scale=2.0, cfg_interval=[0.3, 1.0], timeshift=1.0,
-                              last_step=0.04, sharing="dp")
+                              last_step=0.04, sharing="dp", solver="euler", order=1, sde="none")
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
     cpu = torch.device("cpu")
 
@@ -2504,7 +2762,7 @@ def test_cli_sharing_dp_velocity_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_sharing_table_compares_the_schedules(capsys):
-    bench.sharing_table(tiny_model(), (4, 8, 8), torch.device("cpu"), "fp32", 6, [2, 3], 2, 2.0,
+    bench.sharing_table([tiny_model()], (4, 8, 8), torch.device("cpu"), "fp32", 6, [2, 3], 2, 2.0,
                         ["dp", "dp-velocity", "uniform"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")
             or line.startswith("| 3 |")]
