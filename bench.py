@@ -380,7 +380,8 @@ def heatmap(path, cost, k, title):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Time DDT training steps and sampling.")
+    p = argparse.ArgumentParser(description="Time DDT training steps and sampling.",
+                                formatter_class=ddt.HelpFormatter)
     train.add_model_args(p, default="DDT-S/2")
     p.add_argument("--channels", type=int, default=4, help="latent channels")
     p.add_argument("--image-size", type=int, default=32, help="latent height = width (32 = 256 px images)")

@@ -392,7 +392,9 @@ def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs)
     if k == N:
         return None
     if args.sharing == "uniform":
-        return uniform_schedule(N, k)
+        steps = uniform_schedule(N, k)
+        print(f"encoder steps (uniform): {steps}")
+        return steps
     velocity = args.sharing == "dp-velocity"
     precision = str(autocast.fast_dtype).removeprefix("torch.") if isinstance(autocast, torch.autocast) else "float32"
     key = json.dumps(dict(sharing=args.sharing, solver=args.solver, order=args.order, sde=args.sde, num_steps=N, k=k,
@@ -454,14 +456,14 @@ def checkpoint_info(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=ddt.HelpFormatter)
     p.add_argument("--ckpt", required=True, help="project checkpoint, or a released Lightning one (see --model)")
     p.add_argument("--model", default=None, help="preset of a released checkpoint (default DDT-XL/2)")
     p.add_argument("--image-size", type=int, default=256, help="released checkpoints: image size (latent = /8)")
     p.add_argument("--vae", default=None, help="SD-VAE folder or weights file (latent models only)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class of each sample (cycled)")
     p.add_argument("--num-samples", type=int, default=None, help="default: len(--classes), else 8")
-    p.add_argument("--num-steps", type=int, default=250)
+    p.add_argument("--num-steps", type=int, default=250, help="solver steps N (the paper: 250)")
     p.add_argument("--solver", choices=["euler", "adams"], default="euler",
                    help="euler: the released EulerSampler; adams: the released AdamLMSampler (linear multistep)")
     p.add_argument("--order", type=int, choices=[1, 2, 3], default=None,
@@ -469,10 +471,11 @@ def main(argv=None):
     p.add_argument("--sde", choices=["none", *SDE_RULES], default="none",
                    help="--solver euler: the released stochastic step rule (default none: the ODE)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale (paper: 2.0 at 256 px)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.3, 1.0], metavar=("MIN", "MAX"))
-    p.add_argument("--timeshift", type=float, default=1.0)
-    p.add_argument("--last-step", type=float, default=0.04)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.3, 1.0], metavar=("MIN", "MAX"),
+                   help="guidance only while MIN < t < MAX")
+    p.add_argument("--timeshift", type=float, default=1.0, help="time grid warp t / (t + (1 - t) shift)")
+    p.add_argument("--last-step", type=float, default=0.04, help="length of the final step to t = 1")
+    p.add_argument("--seed", type=int, default=0, help="noise of sample i comes from (seed, i)")
     p.add_argument("--encoder-steps", type=int, default=None, help="encoder runs K (default: every step)")
     p.add_argument("--sharing", choices=["dp", "dp-velocity", "uniform"], default="dp",
                    help="which K steps run the encoder: DP on the paper's cosine cost, DP on the velocity error, even")
@@ -483,10 +486,7 @@ def main(argv=None):
     p.add_argument("--allow-pickle", action="store_true", help="trust a checkpoint that needs pickle")
     args = p.parse_args(argv)
     args.out = args.out or (None if args.npz else "samples.png")
-    for flag, path in (("--out", args.out), ("--npz", args.npz)):  # before sampling, not after
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
-            raise SystemExit(f"error: {flag} {path}: folder {folder} does not exist; create it or pick another")
+    ddt.check_output_folders(("--out", args.out), ("--npz", args.npz))  # before sampling, not after
     for flag, value in (("--num-steps", args.num_steps), ("--batch-size", args.batch_size),
                         ("--num-samples", args.num_samples or 1)):
         if value < 1:
@@ -623,7 +623,8 @@ def run(args, rank, world, device, received):
     done, enc, dec = counts.tolist()
     secs = time.time() - t0
     print(f"sampled {int(done)} images in {secs:.1f}s ({done / max(secs, 1e-9):.2f} images/s); evaluations "
-          f"(images x steps, both CFG halves): encoder {int(enc)}, decoder {int(dec)}")
+          f"(images x steps, both CFG halves; outside the guidance interval only the conditional half runs, so "
+          f"schedules with the same K can differ): encoder {int(enc)}, decoder {int(dec)}")
     if parts:
         images = None
         for s, e in chunks:

@@ -926,6 +926,23 @@ def test_two_ranks_give_the_same_npz(tmp_path, monkeypatch):
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["arr_1"], b["arr_1"])
         assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # batch-size rounding only
+    assert "encoder steps (uniform): [0, 2, 3]" in two.stdout  # printed like a DP schedule
+
+
+def test_every_script_help_lists_its_defaults(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--help"])
+    for entry in (lambda: train.get_args(["--help"]), lambda: sample.main(["--help"]), bench.main,
+                  lambda: prepare_latents.parse_args(["--help"]), lambda: evaluate.parse_args(["--help"]),
+                  lambda: study.main(["--help"])):
+        with pytest.raises(SystemExit):
+            entry()
+    out = " ".join(capsys.readouterr().out.split())  # (argparse wraps lines)
+    for line in ("images per optimizer step, all ranks (default: 256)", "solver steps N (the paper: 250) (default: 250)",
+                 "timed training steps (median reported) (default: 10)", "per rank (default: 64)",
+                 "images per network call (default: 64)",
+                 "training steps of every run (default: 600)"):
+        assert line in out
+    assert "(default: None)" not in out and "(default: False)" not in out
 
 
 # ----------------------------------------------------------------------------------------------- solvers (issue 18)
