@@ -185,14 +185,14 @@ def eval_batch(model, shape, batch, device):
     return noise, torch.tensor([i * model.cfg.num_classes // batch for i in range(batch)], device=device)
 
 
-def sharing_table(models, shape, device, precision, num_steps, ks, batch, cfg_scale, schedules):
+def sharing_table(models, shape, device, precision, num_steps, ks, batch, cfg_scale, schedules, repeats=3):
     """For each budget k and each schedule in `schedules` (dp: the paper's cosine cost, dp-velocity: the
     velocity error, uniform): how far samples with encoder sharing land from unshared ones on the same noise
     (relative RMS difference over the batch, and of the worst image), both costs of the schedule, the
-    wall-clock speedup against the ideal (the ratio of block evaluations, E * encoder images + D * decoder
-    images: with guidance on an interval steps differ in batch size, so this is not always
-    (E + D) N / (E k + D N)), and the calibration time as a fraction of the unshared sampling of the batch;
-    each as mean ± sd over `models` (models of the same data and config, trained with other seeds).
+    wall-clock speedup (the fastest of `repeats` runs) against the ideal (the ratio of block evaluations,
+    E * encoder images + D * decoder images: with guidance on an interval steps differ in batch size, so this
+    is not always (E + D) N / (E k + D N)), and the calibration time as a fraction of the unshared sampling of
+    the batch; each as mean ± sd over `models` (models of the same data and config, trained with other seeds).
     The velocity cost column is measured with no cap on reuse (so any schedule has one); the dp-velocity
     schedule comes from a matrix measured with reuse_cap(N, k), as sample.py measures it."""
     N = num_steps
@@ -202,7 +202,7 @@ def sharing_table(models, shape, device, precision, num_steps, ks, batch, cfg_sc
         E, D = model.cfg.encoder_depth, model.cfg.decoder_depth
         noise, y = eval_batch(model, shape, batch, device)
 
-        def run(steps, repeats=3):  # (samples, fastest of `repeats` runs after a warm-up, block evaluations)
+        def run(steps):  # (samples, fastest of `repeats` runs after a warm-up, block evaluations)
             timed_sample(model, device, autocast, noise[:2], y[:2], 3)
             runs = [timed_sample(model, device, autocast, noise, y, N, cfg_scale=cfg_scale, encoder_steps=steps)
                     for _ in range(repeats)]
@@ -408,6 +408,8 @@ def main():
     mode.add_argument("--heatmap", metavar="PNG", help="with --ckpt: draw the first model's cosine cost matrix at the "
                       "first --num-steps, the DP's and the uniform schedule's first --encoder-steps marked")
     p.add_argument("--reference-steps", type=int, default=1000, help="--frontier: Euler steps of the reference")
+    p.add_argument("--repeats", type=int, default=3, help="sharing schedules: timed runs per setting, the fastest "
+                   "counts")
     p.add_argument("--per-class", type=int, default=10, help="--sde-check: samples per class")
     args = p.parse_args()
     if (args.frontier or args.sde_check or args.heatmap) and not (args.sample and args.ckpt):
@@ -445,7 +447,7 @@ def main():
                     sde_check(models, shape, device, precision, N, args.sde_check, args.per_class, args.cfg_scale)
                 else:
                     sharing_table(models, shape, device, precision, N, args.encoder_steps, args.batch_size,
-                                  args.cfg_scale, list(dict.fromkeys(args.sharing)))
+                                  args.cfg_scale, list(dict.fromkeys(args.sharing)), args.repeats)
         return
     cfg = train.model_config(args, {"latent_shape": [args.channels, args.image_size, args.image_size],
                                     "num_classes": ddt.PRESETS[args.model].num_classes})
