@@ -26,6 +26,7 @@ solvers' steps-versus-error frontier (--frontier), a distribution-level check of
 import argparse
 import copy
 import json
+import math
 import os
 import time
 import types
@@ -314,7 +315,8 @@ def sde_check(models, shape, device, precision, num_steps, data_dir, per_class, 
     each class from each rule, each classified by its nearest image of the training set (1-NN, Euclidean, in
     the model's space: data_dir's latents.npy posterior means times the scaling factor); prints the share whose
     class is the one asked for, and the mean RMS distance to that nearest training image; mean ± sd over
-    `models`."""
+    `models`. A first row gives the same for the training images themselves, each without itself (leave one
+    out): how well the classifier does on real data, and how far apart real images are."""
     autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
     with open(os.path.join(data_dir, "meta.json")) as f:
         scale = json.load(f)["scaling_factor"]
@@ -322,24 +324,32 @@ def sde_check(models, shape, device, precision, num_steps, data_dir, per_class, 
     data = torch.from_numpy(np.load(os.path.join(data_dir, "latents.npy"), mmap_mode="r")[valid][:, 0]
                             .astype(np.float32)).flatten(1).to(device) * scale  # (n, C * h * w)
     labels = torch.from_numpy(np.load(os.path.join(data_dir, "labels.npy"))[valid]).to(device)
-    rows = {}
+
+    def classify(x, y, skip=None):  # (% whose nearest training image has class y, mean RMS distance to it)
+        found, dists = [], []
+        for s in range(0, len(x), 1024):
+            dist = torch.cdist(x[s: s + 1024], data)  # (rows, n)
+            if skip is not None:  # leave one out: row r is training image skip[r]
+                dist[torch.arange(len(dist)), skip[s: s + 1024]] = math.inf
+            found.append(dist.min(1).indices)
+            dists.append(dist.min(1).values)
+        found, dists = torch.cat(found), torch.cat(dists)
+        return (labels[found] == y).float().mean().item() * 100, (dists.pow(2) / x.shape[1]).sqrt().mean().item()
+
+    rows = {"training images (leave one out)": [classify(data, labels, torch.arange(len(data), device=device))]}
     for model in models:
-        K = model.cfg.num_classes
-        y = torch.arange(K, device=device).repeat_interleave(per_class)
+        y = torch.arange(model.cfg.num_classes, device=device).repeat_interleave(per_class)
         for rule in ("none", *sample.SDE_RULES):
             noise, gens = sample.image_noise(2000, range(len(y)), shape)
             x = timed_sample(model, device, autocast, noise.to(device), y, num_steps, 1, rule, gens,
                              cfg_scale=cfg_scale)[0].flatten(1)
-            dist = torch.cdist(x, data)  # (samples, n)
-            nearest = dist.min(1)
-            agree = (labels[nearest.indices] == y).float().mean().item()
-            rows.setdefault(rule, []).append((agree * 100, (nearest.values.pow(2) / x.shape[1]).sqrt().mean().item()))
+            rows.setdefault("ode" if rule == "none" else rule, []).append(classify(x, y))
     print(f"| step rule (N = {num_steps}) | class of the nearest training image = class asked (%) | "
           f"RMS distance to it |")
     print("|---|---|---|")
     for rule, per_model in rows.items():
         agree, dist = zip(*per_model)
-        print(f"| {'ode' if rule == 'none' else rule} | {spread(agree, '.1f')} | {spread(dist)} |")
+        print(f"| {rule} | {spread(agree, '.1f')} | {spread(dist)} |")
 
 
 def heatmap(path, cost, k, title):

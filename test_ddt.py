@@ -1073,7 +1073,8 @@ def test_sharing_cache_distinguishes_solvers(tmp_path, monkeypatch, capsys):
     ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
     model, seen = ddt.load_ddt(ckpt), []
     real = sample.measure_sharing_cost
-    monkeypatch.setattr(sample, "measure_sharing_cost", lambda *a, **k: seen.append((k["order"], k["sde"])) or real(*a, **k))
+    monkeypatch.setattr(sample, "measure_sharing_cost",
+                        lambda *a, **k: seen.append((k["order"], k["sde"])) or real(*a, **k))
     args = argparse.Namespace(ckpt=ckpt, num_steps=6, cfg_scale=2.0, cfg_interval=[0.3, 1.0], timeshift=1.0,
                               last_step=0.04, sharing="dp")
     solvers = [("euler", 1, "none"), ("adams", 2, "none"), ("adams", 3, "none"), ("euler", 1, "sde")]
@@ -1175,7 +1176,8 @@ def test_bench_cli_modes(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="share their config and latent shape"):
         bench_cli("--sample", "--ckpt", a, b, "--heatmap", tmp_path / "h.png")
     bench_cli("--sample", "--ckpt", a, "--heatmap", tmp_path / "h.png", "--num-steps", 6, "--encoder-steps", 2)
-    assert "wrote" in capsys.readouterr().out and Image.open(tmp_path / "h.png").size == (14 + 6 * 80 + 8, 34 + 480 + 30)
+    assert "wrote" in capsys.readouterr().out
+    assert Image.open(tmp_path / "h.png").size == (14 + 6 * 80 + 8, 34 + 480 + 30)  # margins + 80 px per step
 
 
 def test_bench_sde_check_classifies_by_the_nearest_training_image(tmp_path, monkeypatch, capsys):
@@ -1183,15 +1185,21 @@ def test_bench_sde_check_classifies_by_the_nearest_training_image(tmp_path, monk
     model, shape = tiny_model(in_channels=3, num_classes=4), (3, 8, 8)
     bench.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
     rows = table_rows(capsys.readouterr().out)
-    assert [r[0] for r in rows] == ["ode", "sde", "sde-mean", "sde-preserve"]
+    assert [r[0] for r in rows] == ["training images (leave one out)", "ode", "sde", "sde-mean", "sde-preserve"]
     assert all(0 <= float(r[1]) <= 100 and float(r[2]) > 0 for r in rows)
-    # an oracle sampler that returns a training image of the class asked for: 100% agreement at distance 0
     lat = np.load(os.path.join(data, "latents.npy"))[:, 0].astype(np.float32)
     labels = np.load(os.path.join(data, "labels.npy"))
+    flat = lat.reshape(len(lat), -1)
+    d = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    nearest = d.argmin(1)  # leave one out, written out
+    assert float(rows[0][1]) == float(f"{(labels[nearest] == labels).mean() * 100:.1f}")
+    assert np.isclose(float(rows[0][2]), np.sqrt(d.min(1) / flat.shape[1]).mean(), atol=1e-4)
+    # an oracle sampler that returns a training image of the class asked for: 100% agreement at distance 0
     first = {c: torch.from_numpy(lat[np.flatnonzero(labels == c)[0]]) for c in set(labels.tolist())}
     monkeypatch.setattr(sample, "sample_loop", lambda m, noise, y, *a, **k: torch.stack([first[int(c)] for c in y]))
     bench.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
-    assert all(float(r[1]) == 100.0 and float(r[2]) == 0.0 for r in table_rows(capsys.readouterr().out))
+    assert all(float(r[1]) == 100.0 and float(r[2]) == 0.0 for r in table_rows(capsys.readouterr().out)[1:])
 
 
 # =============================================================================================
