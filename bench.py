@@ -262,13 +262,16 @@ def sharing_table(models, shape, device, precision, num_steps, ks, batch, cfg_sc
 SOLVERS = {"Euler": 1, "Adams-2": 2, "Adams-3": 3}  # name -> order of sample_loop
 
 
-def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, reference_steps=1000):
+def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, reference_steps=1000,
+             reference_last_step=0.04):
     """The steps-versus-error frontier: for each solver (Euler, Adams-2, Adams-3) and N in `step_counts`,
     unshared and with the encoder at K = N / 2 steps (the DP schedule on the paper's cosine cost, measured
     along that solver's trajectory), the deviation of its samples from a `reference_steps` Euler sample on the
     same noise (relative RMS over the batch), against the block evaluations per image (E * encoder images +
     D * decoder images, counted by the sampler) and the wall-clock time of one run; mean ± sd over `models`
-    (blocks: the mean).
+    (blocks: the mean). The solvers use the released grid (a last step of 0.04 whatever N is); the reference
+    ends with a step of `reference_last_step`: 0.04 keeps that step's Euler error in the reference, a small
+    one brings it closer to the exact ODE solution.
     Then, per solver, the cheapest setting (in block evaluations) whose mean deviation is at most Euler's
     at the largest N."""
     autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -277,7 +280,8 @@ def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, re
         E, D = model.cfg.encoder_depth, model.cfg.decoder_depth
         noise, y = eval_batch(model, shape, batch, device)
         timed_sample(model, device, autocast, noise[:2], y[:2], 3)  # warm-up
-        ref, secs, _ = timed_sample(model, device, autocast, noise, y, reference_steps, cfg_scale=cfg_scale)
+        ref, secs, _ = timed_sample(model, device, autocast, noise, y, reference_steps, cfg_scale=cfg_scale,
+                                    last_step=reference_last_step)
         print(f"model {m + 1}: the {reference_steps}-step Euler reference took {secs:.1f}s")
         for N in step_counts:
             for name, order in SOLVERS.items():
@@ -292,6 +296,7 @@ def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, re
                                                   encoder_steps=steps)
                     blocks = (E * stats["encoder_evals"] + D * stats["decoder_evals"]) / batch
                     rows.setdefault((name, N, k), []).append((deviation(x, ref)[0], blocks, secs))
+    print(f"reference: Euler, {reference_steps} steps, last step {reference_last_step}")
     print(f"| solver | N | K | blocks per image | deviation from Euler-{reference_steps} | time (s) |")
     print("|---|---|---|---|---|---|")
     for (name, N, k), per_model in rows.items():
@@ -418,6 +423,8 @@ def main():
     mode.add_argument("--heatmap", metavar="PNG", help="with --ckpt: draw the first model's cosine cost matrix at the "
                       "first --num-steps, the DP's and the uniform schedule's first --encoder-steps marked")
     p.add_argument("--reference-steps", type=int, default=1000, help="--frontier: Euler steps of the reference")
+    p.add_argument("--reference-last-step", type=float, default=0.04, help="--frontier: the reference's last step "
+                   "(the samplers' grid ends with a step of 0.04 whatever N is; smaller is nearer the exact ODE)")
     p.add_argument("--repeats", type=int, default=3, help="sharing schedules: timed runs per setting, the fastest "
                    "counts")
     p.add_argument("--per-class", type=int, default=10, help="--sde-check: samples per class")
@@ -445,7 +452,7 @@ def main():
         shape = shapes.pop()
         if args.frontier:
             frontier(models, shape, device, precision, args.num_steps, args.batch_size, args.cfg_scale,
-                     args.reference_steps)
+                     args.reference_steps, args.reference_last_step)
         elif args.heatmap:
             N, k = args.num_steps[0], args.encoder_steps[0]
             cost = sample.measure_sharing_cost(models[0], N, shape, device=device, cfg_scale=args.cfg_scale)

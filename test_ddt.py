@@ -1140,6 +1140,13 @@ def test_bench_frontier_rows_are_the_solvers_deviations(capsys):
             work.append((2 * stats["encoder_evals"] + stats["decoder_evals"]) / 2)  # 2 + 1 blocks, batch 2
         assert dev == bench.spread(devs) and blocks == f"{sum(work) / len(work):.0f}"
     assert float(rows["Adams-2", "6", "-"][1].split()[0]) < float(rows["Euler", "6", "-"][1].split()[0])
+    # --reference-last-step: the reference ends with a shorter step than the samplers' 0.04
+    bench.frontier(models[:1], shape, torch.device("cpu"), "fp32", [4], 2, 2.0, 20, reference_last_step=0.01)
+    row = {tuple(r[:3]): r[4] for r in table_rows(capsys.readouterr().out)}["Euler", "4", "-"]
+    ref = sample.euler_sample(models[0], noise, y, 20, 2.0, last_step=0.01)
+    assert row == bench.spread([bench.deviation(sample.euler_sample(models[0], noise, y, 4, 2.0), ref)[0]])
+    assert row != bench.spread([bench.deviation(sample.euler_sample(models[0], noise, y, 4, 2.0),
+                                                sample.euler_sample(models[0], noise, y, 20, 2.0))[0]])
 
 
 def test_bench_heatmap_marks_both_schedules(tmp_path):
