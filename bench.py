@@ -30,7 +30,7 @@ import math
 import os
 import time
 import types
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import numpy as np
@@ -117,7 +117,7 @@ def time_train(model, batch, shape, device, precision, compile, steps, warmup):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
                             fused=device.type == "cuda")
     step_model = torch.compile(model) if compile else model
-    autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = train.precision_context(device, precision)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, *shape, device=device, generator=gen)
     noise = torch.randn(batch, *shape, device=device, generator=gen)
@@ -141,18 +141,25 @@ def time_train(model, batch, shape, device, precision, compile, steps, warmup):
     return sorted(times)[len(times) // 2]
 
 
+def timed(device, autocast, call):
+    """(call() under autocast, its seconds with the device synchronised on both sides)."""
+    with autocast:
+        sync(device)
+        t0 = time.perf_counter()
+        out = call()
+        sync(device)
+    return out, time.perf_counter() - t0
+
+
 def time_sampling(model, batch, shape, device, precision, num_steps, encoder_steps):
     """Seconds for one batch of `num_steps` Euler steps (no guidance), encoder at `encoder_steps`."""
-    autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = train.precision_context(device, precision)
     noise = torch.randn(batch, *shape, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
     with autocast:
         sample.euler_sample(model, noise, y, num_steps=min(num_steps, 5))  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        sample.euler_sample(model, noise, y, num_steps=num_steps, encoder_steps=encoder_steps)
-        sync(device)
-    return time.perf_counter() - t0
+    return timed(device, autocast, lambda: sample.euler_sample(model, noise, y, num_steps=num_steps,
+                                                           encoder_steps=encoder_steps))[1]
 
 
 def deviation(x, ref):
@@ -172,12 +179,8 @@ def spread(values, fmt=".4f"):
 def timed_sample(model, device, autocast, *args, **kwargs):
     """(sample_loop's float32 result, seconds, its stats)."""
     stats = {}
-    with autocast:
-        sync(device)
-        t0 = time.perf_counter()
-        x = sample.sample_loop(model, *args, stats=stats, **kwargs).float()
-        sync(device)
-    return x, time.perf_counter() - t0, stats
+    x, secs = timed(device, autocast, lambda: sample.sample_loop(model, *args, stats=stats, **kwargs))
+    return x.float(), secs, stats
 
 
 def eval_batch(model, shape, batch, device):
@@ -197,7 +200,7 @@ def sharing_table(models, shape, device, precision, num_steps, ks, batch, cfg_sc
     The velocity cost column is measured with no cap on reuse (so any schedule has one); the dp-velocity
     schedule comes from a matrix measured with reuse_cap(N, k), as sample.py measures it."""
     N = num_steps
-    autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = train.precision_context(device, precision)
     rows, notes = {}, []  # rows: (k, name) -> per model (cosine, velocity, dev, worst, speedup, ideal, calibration)
     for m, model in enumerate(models):
         E, D = model.cfg.encoder_depth, model.cfg.decoder_depth
@@ -210,17 +213,12 @@ def sharing_table(models, shape, device, precision, num_steps, ks, batch, cfg_sc
             stats = runs[0][2]
             return runs[0][0], min(r[1] for r in runs), E * stats["encoder_evals"] + D * stats["decoder_evals"]
 
-        def timed(fn, *a, **k):  # (result, seconds)
-            with autocast:
-                sync(device)
-                t0 = time.perf_counter()
-                out = fn(model, N, shape, *a, device=device, cfg_scale=cfg_scale, **k)
-                sync(device)
-            return out, time.perf_counter() - t0
+        def calibrate(fn, **k):  # (a cost matrix of fn on the seed-0 calibration batch, seconds)
+            return timed(device, autocast, lambda: fn(model, N, shape, device=device, cfg_scale=cfg_scale, **k))
 
         ref, t_ref, work_ref = run(None)
-        cos, t_cos = timed(sample.measure_sharing_cost)  # seed-0 calibration batch
-        vel, t_vel = timed(sample.measure_velocity_cost)  # no cap: every schedule's velocity cost
+        cos, t_cos = calibrate(sample.measure_sharing_cost)
+        vel, t_vel = calibrate(sample.measure_velocity_cost)  # no cap: every schedule's velocity cost
         found = {}
         for k in ks:
             t_ref = min(t_ref, run(None)[1])  # the unshared time too is the fastest of all its runs
@@ -228,7 +226,7 @@ def sharing_table(models, shape, device, precision, num_steps, ks, batch, cfg_sc
             if "dp" in schedules:
                 plans["dp"] = (sample.solve_sharing(cos, k), t_cos)
             if "dp-velocity" in schedules:
-                capped, t_cap = timed(sample.measure_velocity_cost, max_reuse=sample.reuse_cap(N, k))
+                capped, t_cap = calibrate(sample.measure_velocity_cost, max_reuse=sample.reuse_cap(N, k))
                 plans["dp-velocity"] = (sample.solve_sharing(capped, k), t_cap)
                 if plans["dp-velocity"][0] != sample.solve_sharing(vel, k):
                     notes.append(f"(K = {k}: the cap of {sample.reuse_cap(N, k)} steps changed the dp-velocity "
@@ -274,7 +272,7 @@ def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, re
     one brings it closer to the exact ODE solution.
     Then, per solver, the cheapest setting (in block evaluations) whose mean deviation is at most Euler's
     at the largest N."""
-    autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = train.precision_context(device, precision)
     rows = {}  # (solver, N, K) -> per model (deviation, blocks per image, seconds)
     for m, model in enumerate(models):
         E, D = model.cfg.encoder_depth, model.cfg.decoder_depth
@@ -322,7 +320,7 @@ def sde_check(models, shape, device, precision, num_steps, data_dir, per_class, 
     class is the one asked for, and the mean RMS distance to that nearest training image; mean ± sd over
     `models`. A first row gives the same for the training images themselves, each without itself (leave one
     out): how well the classifier does on real data, and how far apart real images are."""
-    autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = train.precision_context(device, precision)
     with open(os.path.join(data_dir, "meta.json")) as f:
         scale = json.load(f)["scaling_factor"]
     valid = np.load(os.path.join(data_dir, "valid.npy"))
@@ -433,7 +431,7 @@ def main():
         raise SystemExit("error: --frontier, --sde-check and --heatmap need --sample --ckpt CKPT [CKPT ...]")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision, _ = train.autocast_for(args, device)
     if args.sample and args.ckpt:  # trained models: sharing schedules, the frontier, the SDE check, the heatmap
         models, shapes = [], set()
         for path in args.ckpt:

@@ -348,7 +348,12 @@ def model_config(args, meta):
 def autocast_for(args, device):
     """(precision, autocast context) of --precision: by default bf16 autocast on a GPU, fp32 on the CPU."""
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    return precision, torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    return precision, precision_context(device, precision)
+
+
+def precision_context(device, precision):
+    """bf16 autocast on `device` for precision "bf16"; a disabled one (plain float32) otherwise."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
 
 def main(argv=None):
