@@ -35,6 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import ddt
+import plumbing
+import pretrained
 from prepare_latents import OUTPUT_FILES, center_crop_arr  # the ADM/DiT centre crop: the reference is cropped as
 # the training set; the file names that make a folder a prepare_latents.py dataset
 
@@ -259,13 +261,13 @@ def inception_features(model, images, batch_size=64):
 def dino_batch(dino, batch):
     """FD_DINOv2's features as EDM2 computes them (calculate_metrics.py, DINOv2Detector, resize_mode 'torch'):
     uint8 images (B, H, W, 3) resized to 224 x 224 (bicubic, antialiased), / 255, ImageNet mean/std, then the
-    class token after the final norm -> float32 numpy (B, D). `dino`: ddt.load_dino(path, pos_rule="hub"), the
+    class token after the final norm -> float32 numpy (B, D). `dino`: pretrained.load_dino(path, pos_rule="hub"), the
     hub model's position-embedding rule."""
     if dino.pos_rule != "hub":
-        raise ValueError("FD_DINOv2 needs the hub model's position embeddings: ddt.load_dino(path, pos_rule='hub')")
+        raise ValueError("FD_DINOv2 needs the hub model's position embeddings: pretrained.load_dino(path, pos_rule='hub')")
     x = to_device(batch, next(dino.parameters()).device)
-    mean = torch.tensor(ddt.IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(ddt.IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(pretrained.IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pretrained.IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = F.interpolate(x.float(), size=(224, 224), mode="bicubic", antialias=True)  # (B, 3, 224, 224) in 0..255
     return dino.tokens((x / 255 - mean) / std)[:, 0].float().cpu().numpy()  # (B, D)
 
@@ -634,7 +636,7 @@ def make_ref(source, out, inception, dino=None, resolution=None, num_images=1000
         what = "DINOv2" if key == "_dinov2" else "Inception"
         check_features(np.stack([acc.lo, acc.hi]), source, what, acc.n)
     arrays["arr_0"] = arr_0
-    with ddt.atomic_write(out) as f:  # a file object: np.savez would append ".npz" to a name
+    with plumbing.atomic_write(out) as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
     return arrays
 
@@ -645,7 +647,7 @@ def make_ref(source, out, inception, dino=None, resolution=None, num_images=1000
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall (the ADM evaluator) and FD_DINOv2.",
-                                formatter_class=ddt.HelpFormatter)
+                                formatter_class=plumbing.HelpFormatter)
     p.add_argument("ref", nargs="?", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("samples", nargs="?", help="samples .npz (arr_0 uint8 (N, H, W, 3), e.g. from sample.py --npz)")
     p.add_argument("--inception", required=True, help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
@@ -678,16 +680,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ddt.check_output_folders(("--out", args.out), ("--json", args.json))
+    plumbing.check_output_folders(("--out", args.out), ("--json", args.json))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lock = None
     try:
         if args.make_ref:  # one run per --out
-            lock = ddt.lock_file(args.out + ".lock", "--out", args.out, "evaluate.py --make-ref")
+            lock = plumbing.lock_file(args.out + ".lock", "--out", args.out, "evaluate.py --make-ref")
             if lock is not None:  # the lock is ours: a REF.npz.tmpPID there is a killed run's
-                ddt.remove_stale_tmp(glob.escape(args.out))
+                plumbing.remove_stale_tmp(glob.escape(args.out))
         inception = load_inception(args.inception).to(device)
-        dino = ddt.load_dino(args.dino, pos_rule="hub").to(device) if args.dino else None
+        dino = pretrained.load_dino(args.dino, pos_rule="hub").to(device) if args.dino else None
         if dino is not None and (dino.embed_dim, len(dino.blocks)) != (1024, 24):
             print(f"warning: --dino {args.dino} is a ViT/14 of width {dino.embed_dim} and depth {len(dino.blocks)}, "
                   f"not the ViT-L/14 (1024, 24) that FD_DINOv2 is defined on: its numbers are not comparable with "
@@ -703,11 +705,11 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     finally:
         if lock is not None:
-            ddt.unlock(lock, remove=True)
+            plumbing.unlock(lock, remove=True)
     for name, value in results.items():
         print(f"{name}: {value}")
     if args.json:
-        with ddt.atomic_write(args.json, "w") as f:
+        with plumbing.atomic_write(args.json, "w") as f:
             json.dump(results, f, indent=2)
 
 

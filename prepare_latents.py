@@ -48,7 +48,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import ddt
+import plumbing
+import pretrained
 
 FORMAT_VERSION = 1
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}  # compared lower-case: .JPEG, .PNG, ... match too
@@ -169,7 +170,7 @@ def encode_batch(vae, images, precision="fp32"):
 
 
 def write_json(obj, path):
-    with ddt.atomic_write(path, "w") as f:
+    with plumbing.atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
 
 
@@ -231,22 +232,65 @@ def latent_stats(latents, valid, block=4096):
     return mean.tolist(), np.sqrt(np.maximum(s2 / count - mean ** 2, 0)).tolist()
 
 
+def array_specs(N, latent_shape, settings):
+    """The dataset's arrays: file name -> (dtype, shape)."""
+    arrays = {"latents.npy": (np.float16, (N, 2, *latent_shape)), "valid.npy": (np.bool_, (N,))}
+    if settings["flip"]:
+        arrays["latents_flip.npy"] = (np.float16, (N, 2, *latent_shape))
+    if settings["images"]:
+        R = settings["resolution"]
+        arrays["images.npy"] = (np.uint8, (N, R, R, 3))
+    return arrays
+
+
+def write_meta(out, settings, latent_shape, scaling_factor, class_names, files):
+    """OUT/meta.json, written last: it marks the dataset complete (with the latents' per-channel statistics)."""
+    latents, valid = np.load(os.path.join(out, "latents.npy"), mmap_mode="r"), np.load(os.path.join(out, "valid.npy"))
+    N = len(valid)
+    if not valid.any():
+        raise SystemExit(f"none of the {N} images could be read; see the warnings above")
+    mean, std = latent_stats(latents, valid)
+    meta = {"format_version": FORMAT_VERSION, "count": N, "latent_shape": list(latent_shape),
+            "resolution": settings["resolution"], "vae": settings["vae"], "scaling_factor": scaling_factor,
+            "class_names": list(class_names), "num_classes": len(class_names), "flip": settings["flip"],
+            "has_images": settings["images"], "latent_mean": mean, "latent_std": std, "num_valid": int(valid.sum()),
+            "invalid_files": [files[i] if files else str(i) for i in np.flatnonzero(~valid)]}
+    write_json(meta, os.path.join(out, "meta.json"))
+    print(f"wrote {out}: {N} images ({N - meta['num_valid']} invalid), {len(class_names)} classes, latents "
+          f"(2, {', '.join(map(str, latent_shape))}), per-channel mean {np.round(mean, 3).tolist()} std "
+          f"{np.round(std, 3).tolist()}")
+
+
+def wait_for_chunks(out, markers, copy_in_parts, received, stopped):
+    """Rank 0, once every rank has finished: copy in the other ranks' chunks until every marker is there, for at
+    most PART_WAIT seconds (a shared filesystem can show a file late); a stop signal stops the wait."""
+    missing, deadline = markers, time.time() + PART_WAIT
+    copy_in_parts()
+    while missing := [m for m in missing if not os.path.exists(m)]:
+        if received:
+            raise stopped(received[0])
+        if time.time() > deadline:
+            chunks = [int(os.path.basename(m)[len("chunk_"):-len(".done")]) for m in missing]
+            raise SystemExit(f"rank 0: chunk(s) {chunks[:5]}{' ...' if len(chunks) > 5 else ''} of the other ranks "
+                             f"are still not in {out}/.progress {PART_WAIT} s after every rank finished them (is "
+                             f"--out on a filesystem all the ranks share?); the finished chunks are kept: rerun the "
+                             f"same command to resume")
+        time.sleep(0.2)
+        copy_in_parts()
+
+
 def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=None, batch_size=64,
                   num_workers=4, rank=0, world_size=1, overwrite=False, received=(), device="cpu"):
     """Encode `dataset` (items (i, uint8 (R, R, 3), error string)) into the dataset directory `out`, on every
     rank. `settings` (JSON-able: resolution, vae, vae_precision, flip, images, chunk_size, and what identifies
     the input) fixes what is written; it is kept in out/settings.json so that a rerun resumes or refuses. Rank 0
-    decides what to do with `out` and which chunks are left, for all ranks. `received` (from ddt.stop_signals):
-    a signal there on any rank stops every rank after the same batch (ddt.stop_requested after each batch, a
+    decides what to do with `out` and which chunks are left, for all ranks. `received` (from plumbing.stop_signals):
+    a signal there on any rank stops every rank after the same batch (plumbing.stop_requested after each batch, a
     collective on `device`; so a rank that crashes also stops the others, at their next batch, or at the process
     group's timeout where the backend cannot tell)."""
     N, R, cs = len(dataset), settings["resolution"], settings["chunk_size"]
     C, h, w = encode_batch(vae, torch.zeros(1, R, R, 3, dtype=torch.uint8), settings["vae_precision"]).shape[2:]
-    arrays = {"latents.npy": (np.float16, (N, 2, C, h, w)), "valid.npy": (np.bool_, (N,))}
-    if settings["flip"]:
-        arrays["latents_flip.npy"] = (np.float16, (N, 2, C, h, w))
-    if settings["images"]:
-        arrays["images.npy"] = (np.uint8, (N, R, R, 3))
+    arrays = array_specs(N, (C, h, w), settings)
     mm = {}  # the shared arrays, opened (for writing) by rank 0 only
 
     def marker(c):  # chunk c is in the arrays
@@ -262,7 +306,7 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
         if state == "new":
             create_files(out, arrays, labels, settings)
         else:  # chunk files a killed run was writing (no rank writes before this decision reaches it)
-            ddt.remove_stale_tmp(os.path.join(glob.escape(out), ".progress", "*"))
+            plumbing.remove_stale_tmp(os.path.join(glob.escape(out), ".progress", "*"))
         try:
             mm.update({name: np.load(os.path.join(out, name), mmap_mode="r+") for name in arrays})
         except (OSError, ValueError) as e:
@@ -298,7 +342,7 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
         if rank == 0:
             print(f"stopped by {signal.Signals(signum).name}: the finished chunks are kept in {out}/.progress; "
                   f"rerun the same command to resume", flush=True)
-        return SystemExit(ddt.EXIT_STOPPED)
+        return SystemExit(plumbing.EXIT_STOPPED)
 
     def ends(c):
         return min((c + 1) * cs, N)
@@ -312,7 +356,7 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
     left = {c: ends(c) - c * cs for c in mine}  # rows still to encode, per chunk
     rows = {}  # chunk -> {array name: its rows}, while the chunk is being encoded
     loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                             worker_init_fn=ddt.ignore_stop_signals)) if batches else None
+                             worker_init_fn=plumbing.ignore_stop_signals)) if batches else None
     bar = tqdm(total=sum(left.values()), unit="img", disable=rank != 0, desc=f"rank 0 of {world_size}")
 
     def encode(idx, img, err):  # (B,), (B, R, R, 3) uint8, B strings; idx is a contiguous range a:b
@@ -339,48 +383,26 @@ def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=N
                 copy_in(c, rows.pop(c))
                 copy_in_parts()
             else:
-                with ddt.atomic_write(part(c)) as f:  # renamed into place complete: rank 0 may copy it in
+                with plumbing.atomic_write(part(c)) as f:  # renamed into place complete: rank 0 may copy it in
                     np.savez(f, **rows.pop(c))
         bar.update(b - a)
 
     for r in range(rounds):  # a round: a batch on each rank (none on one whose share is done), then the stop check
         if r < len(batches):
             encode(*next(loader))
-        if stop := ddt.stop_requested(received, device):  # the same on every rank
+        if stop := plumbing.stop_requested(received, device):  # the same on every rank
             raise stopped(stop)
     bar.close()
     del loader  # its workers end here
     if rank != 0:
         return
     # every rank has written its chunks (each passed the last stop check after them): wait until they are seen here
-    missing, deadline = range(math.ceil(N / cs)), time.time() + PART_WAIT
-    copy_in_parts()
-    while missing := [c for c in missing if not os.path.exists(marker(c))]:
-        if received:
-            raise stopped(received[0])
-        if time.time() > deadline:
-            raise SystemExit(f"rank 0: chunk(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} of the other ranks "
-                             f"are still not in {out}/.progress {PART_WAIT} s after every rank finished them (is "
-                             f"--out on a filesystem all the ranks share?); the finished chunks are kept: rerun the "
-                             f"same command to resume")
-        time.sleep(0.2)
-        copy_in_parts()
-    latents, valid = np.load(os.path.join(out, "latents.npy"), mmap_mode="r"), np.load(os.path.join(out, "valid.npy"))
-    if not valid.any():
-        raise SystemExit(f"none of the {N} images could be read; see the warnings above")
-    mean, std = latent_stats(latents, valid)
-    meta = {"format_version": FORMAT_VERSION, "count": N, "latent_shape": [C, h, w], "resolution": R,
-            "vae": settings["vae"], "scaling_factor": 1.0 if vae is None else vae.config["scaling_factor"],
-            "class_names": list(class_names), "num_classes": len(class_names), "flip": settings["flip"],
-            "has_images": settings["images"], "latent_mean": mean, "latent_std": std, "num_valid": int(valid.sum()),
-            "invalid_files": [files[i] if files else str(i) for i in np.flatnonzero(~valid)]}
-    write_json(meta, os.path.join(out, "meta.json"))  # last: marks the dataset complete
-    print(f"wrote {out}: {N} images ({N - meta['num_valid']} invalid), {len(class_names)} classes, latents "
-          f"(2, {C}, {h}, {w}), per-channel mean {np.round(mean, 3).tolist()} std {np.round(std, 3).tolist()}")
+    wait_for_chunks(out, [marker(c) for c in range(math.ceil(N / cs))], copy_in_parts, received, stopped)
+    write_meta(out, settings, (C, h, w), 1.0 if vae is None else vae.config["scaling_factor"], class_names, files)
 
 
 def decided_by_rank0(rank, fn, *args):
-    """fn(*args) run on rank 0 alone, its result on every rank (ddt.from_rank0): what rank 0 sees of a shared
+    """fn(*args) run on rank 0 alone, its result on every rank (plumbing.from_rank0): what rank 0 sees of a shared
     filesystem decides for all, whose own views may lag. A SystemExit of fn (a refusal) reaches every rank and
     stops each with the same message, instead of leaving the others waiting at the next collective."""
     result = None
@@ -389,7 +411,7 @@ def decided_by_rank0(rank, fn, *args):
             result = fn(*args)
         except SystemExit as e:
             result = e
-    result = ddt.from_rank0(result)
+    result = plumbing.from_rank0(result)
     if isinstance(result, SystemExit):
         raise result
     return result
@@ -397,13 +419,13 @@ def decided_by_rank0(rank, fn, *args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Encode an image folder (or the toy set) into a nanoDDT dataset.",
-                                formatter_class=ddt.HelpFormatter)
+                                formatter_class=plumbing.HelpFormatter)
     p.add_argument("--data-path", help="class-per-subfolder image tree (ImageNet train/ layout)")
     p.add_argument("--toy", action="store_true", help="write the built-in toy set (pixel space, 32 px, 5000 images)")
     p.add_argument("--split", choices=list(TOY_SPLITS), default="train",
                    help="with --toy: `val` writes the held-out split instead (1000 other seeded images)")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--vae", help="VAE for ddt.load_vae (a diffusers AutoencoderKL folder or file), or 'none' "
+    p.add_argument("--vae", help="VAE for pretrained.load_vae (a diffusers AutoencoderKL folder or file), or 'none' "
                                  "for pixel space; required with --data-path, 'none' by default with --toy")
     p.add_argument("--vae-precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype of the VAE on GPU (always fp32 on the CPU)")
@@ -434,7 +456,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, _, world_size, device = ddt.setup_dist()
+    rank, _, world_size, device = plumbing.setup_dist()
     try:
         if args.toy:
             n_per_class, seed = TOY_SPLITS[args.split]
@@ -449,7 +471,7 @@ def main(argv=None):
         vae = None
         if args.vae != "none":
             try:
-                vae = ddt.load_vae(args.vae).to(device)
+                vae = pretrained.load_vae(args.vae).to(device)
             except (OSError, ValueError) as e:  # missing or unfit VAE files: the message says which and why
                 raise SystemExit(f"--vae: {e}")
         precision = args.vae_precision if vae is not None and device.type == "cuda" else "fp32"
@@ -457,12 +479,12 @@ def main(argv=None):
                     "files_sha1": fingerprint, "vae": args.vae if vae is None else os.path.abspath(args.vae),
                     "vae_precision": precision, "resolution": args.resolution, "flip": args.flip,
                     "images": args.images, "chunk_size": args.chunk_size}
-        with ddt.stop_signals() as received:
+        with plumbing.stop_signals() as received:
             write_dataset(args.out, dataset, labels, class_names, settings, vae=vae, files=files,
                           batch_size=args.batch_size, num_workers=args.num_workers, rank=rank,
                           world_size=world_size, overwrite=args.overwrite, received=received, device=device)
     finally:
-        ddt.cleanup_dist()
+        plumbing.cleanup_dist()
 
 
 if __name__ == "__main__":

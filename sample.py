@@ -16,7 +16,7 @@ only on (--seed, i), and so does the noise the --sde steps add (drawn from the s
 the images do not depend on the number of ranks (nor, on the CPU, on the batch size; GPU kernels may round
 differently at other batch sizes). With --npz,
 finished batches go to NPZ_parts/ and a rerun skips them; SIGTERM, SIGUSR1 or SIGINT stops every rank after its
-batch in progress, keeping the finished ones, with exit status ddt.EXIT_STOPPED (75); one run at a time per
+batch in progress, keeping the finished ones, with exit status plumbing.EXIT_STOPPED (75); one run at a time per
 --npz (rank 0 locks NPZ.lock, removed when the run ends). Checkpoints are read
 memory-mapped and only the EMA weights are used, so ranks do not hold the optimizer state.
 """
@@ -41,6 +41,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import ddt
+import plumbing
+import pretrained
 
 # -----------------------------------------------------------------------------------------------
 # timesteps, guidance, noise and the solvers
@@ -114,7 +116,7 @@ SDE_RULES = {"sde": (1.0, 2.0), "sde-mean": (1.0, 0.0), "sde-preserve": (0.5, 1.
 @torch.no_grad()
 def sample_loop(model, noise, y, num_steps=250, order=1, sde="none", generators=None, cfg_scale=1.0,
                 cfg_interval=(0.3, 1.0), last_step=0.04, timeshift=1.0, encoder_steps=None, stats=None,
-                record_z=None, record_x=None, both_halves=False):
+                record_z=None, both_halves=False):
     """The one sampling loop: from noise (t = 0) to data (t = 1) on the released times; returns the final x.
     Each step computes the velocity v_i (below), then moves x by the solver's rule:
 
@@ -128,8 +130,8 @@ def sample_loop(model, noise, y, num_steps=250, order=1, sde="none", generators=
     step, as the released sampler runs it). `encoder_steps`: sorted step indices where the encoder runs
     (None = all, must contain 0); the other steps reuse the latest z. Optional outputs: `stats` gets
     "encoder_evals" / "decoder_evals" (images) added, `record_z` gets each computed z (float32, cpu; (B, N, D),
-    or (2B, N, D) conditional half first where both halves ran) appended, `record_x` each step's input x
-    (B, C, H, W). The result equals running both halves at every step.
+    or (2B, N, D) conditional half first where both halves ran) appended. The result equals running both
+    halves at every step.
     """
     B = noise.shape[0]
     if order not in (1, 2, 3):
@@ -158,8 +160,6 @@ def sample_loop(model, noise, y, num_steps=250, order=1, sde="none", generators=
     stats = {} if stats is None else stats
     x, z, history = noise, None, []  # history: the last `order` velocities
     for i in range(num_steps):
-        if record_x is not None:
-            record_x.append(x)
         n = 2 * B if both[i] else B
         x_in = torch.cat([x, x]) if both[i] else x  # (n, C, H, W), n = B or 2B
         v, z_i = model(x_in, t[i].repeat(n), y2[:n], None if encoder_runs[i] else z[:n])
@@ -191,14 +191,14 @@ def euler_sample(model, noise, y, num_steps=250, cfg_scale=1.0, cfg_interval=(0.
                  timeshift=1.0, encoder_steps=None, stats=None, record_z=None, both_halves=False):
     """The released EulerSampler's ODE (x <- x + v dt): sample_loop with order 1."""
     return sample_loop(model, noise, y, num_steps, 1, "none", None, cfg_scale, cfg_interval, last_step, timeshift,
-                       encoder_steps, stats, record_z, None, both_halves)
+                       encoder_steps, stats, record_z, both_halves)
 
 
 def adams_sample(model, noise, y, num_steps=250, order=2, cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04,
                  timeshift=1.0, encoder_steps=None, stats=None, record_z=None, both_halves=False):
     """The released AdamLMSampler (its default order 2): sample_loop with `order` (1 is Euler)."""
     return sample_loop(model, noise, y, num_steps, order, "none", None, cfg_scale, cfg_interval, last_step,
-                       timeshift, encoder_steps, stats, record_z, None, both_halves)
+                       timeshift, encoder_steps, stats, record_z, both_halves)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -251,14 +251,6 @@ def uniform_schedule(n, k):
     return [(2 * i * n + k) // (2 * k) for i in range(k)]  # round half up, in integers
 
 
-def calibration_batch(latent_shape, num_classes, batch_size, seed, device):
-    """The calibration batch both costs are measured on: (noise, labels spread over the classes, the images'
-    generators for the SDE steps)."""
-    y = torch.tensor([i * num_classes // batch_size for i in range(batch_size)], device=device)
-    noise, generators = image_noise(seed, range(batch_size), latent_shape)
-    return noise.to(device), y, generators
-
-
 def measure_sharing_cost(model, num_steps, latent_shape, num_classes=None, batch_size=8, seed=0, device=None,
                          **sampler_kwargs):
     """The paper's proxy: (N, N) float64 cost[i, j] = 1 - cos(z_i, z_j), averaged over the tokens of both
@@ -268,71 +260,16 @@ def measure_sharing_cost(model, num_steps, latent_shape, num_classes=None, batch
     of sample_loop) choose. Symmetric, zero diagonal. Costs one unshared sampling run of 2 x batch_size images."""
     K = model.cfg.num_classes if num_classes is None else num_classes
     device = next(model.parameters()).device if device is None else device
-    noise, y, generators = calibration_batch(latent_shape, K, batch_size, seed, device)
+    y = torch.tensor([i * K // batch_size for i in range(batch_size)], device=device)  # labels spread over classes
+    noise, generators = image_noise(seed, range(batch_size), latent_shape)  # the generators: for the SDE steps
     zs = []  # num_steps x (2B, tokens, D)
-    sample_loop(model, noise, y, num_steps, generators=generators, encoder_steps=None, record_z=zs, both_halves=True,
+    sample_loop(model, noise.to(device), y, num_steps, generators=generators, encoder_steps=None, record_z=zs, both_halves=True,
                 **sampler_kwargs)
     gram = torch.zeros(num_steps, num_steps, dtype=torch.float64)
     for b in range(2 * batch_size):  # one image at a time keeps the float64 copy small
         zb = F.normalize(torch.stack([z[b] for z in zs]).double(), dim=-1).flatten(1)  # (num_steps, tokens * D)
         gram += zb @ zb.T
     return (1.0 - gram / (2 * batch_size * zs[0].shape[1])).numpy()
-
-
-def reuse_cap(n, k):
-    """How far back --sharing dp-velocity measures reuse: 4x the uniform schedule's segment length (k
-    runs of at most ceil(n / k) steps always fit under it), at most n - 1 (no cap)."""
-    return min(n - 1, 4 * math.ceil(n / k))
-
-
-@torch.no_grad()
-def measure_velocity_cost(model, num_steps, latent_shape, num_classes=None, batch_size=8, seed=0, device=None,
-                          max_reuse=None, order=1, sde="none", cfg_scale=1.0, cfg_interval=(0.3, 1.0), last_step=0.04,
-                          timeshift=1.0):
-    """An error-aware cost: (N, N) float64 cost[i, j], j <= i, the error that reusing z_j at step i puts
-    into the sample, on the calibration batch of measure_sharing_cost:
-
-        cost[i, j] = RMS((v_i(z_j) - v_i(z_i)) * (t_{i+1} - t_i)) / RMS(x_N)
-
-    v_i(z) the decoder's velocity at (x_i, t_i) of the unshared trajectory of the solver (order, sde) given z,
-    guided as sample_loop guides it (at a guided step both halves reuse their own z_j), RMS over the whole
-    batch, x_N the unshared sample. If every step's error reached the sample unchanged (an Euler step), the sum
-    along a schedule would bound its relative RMS deviation from the unshared sample (triangle inequality).
-    Only i - j <= max_reuse (None: all) is measured; farther entries are inf, so solve_sharing never reuses that
-    far; j > i is 0. Costs one unshared sampling run (2 x batch_size images where any step is guided) plus
-    about N * max_reuse decoder passes on as many images, and keeps every step's z on the CPU.
-    """
-    K = model.cfg.num_classes if num_classes is None else num_classes
-    device = next(model.parameters()).device if device is None else device
-    N, cap = num_steps, num_steps - 1 if max_reuse is None else max_reuse
-    noise, y, generators = calibration_batch(latent_shape, K, batch_size, seed, device)
-    B = noise.shape[0]
-    t = timesteps(N, last_step, timeshift)
-    guided = guided_steps(t[:N], cfg_scale, cfg_interval)
-    t = t.to(device, noise.dtype)
-    n = 2 * B if any(guided) else B  # the null half's z is needed at every step if any step is guided
-    xs, zs = [], []  # the trajectory: each step's x (B, C, H, W) and z (n, tokens, D)
-    x_N = sample_loop(model, noise, y, N, order, sde, generators, cfg_scale, cfg_interval, last_step, timeshift,
-                      record_z=zs, record_x=xs, both_halves=n == 2 * B)
-    err, window = torch.zeros(N, N, dtype=torch.float64), []  # window: z_j for j = i - len + 1 .. i
-    per_call = max(1, 512 // n)  # z's per decoder call: batches of ~512 images
-    for i in range(N):
-        x_in = torch.cat([xs[i], xs[i]]) if n == 2 * B else xs[i]  # (n, C, H, W)
-        window = (window + [zs[i].to(device)])[-(cap + 1):]
-        h, v = n if guided[i] else B, []  # images the step's velocity needs: both halves only when guided
-        for s in range(0, len(window), per_call):  # the decoder at (x_i, t_i) with each z_j, in a few calls
-            m = len(window[s: s + per_call])
-            v.append(model.decode(x_in[:h].repeat(m, 1, 1, 1), t[i].repeat(m * h),
-                                  torch.cat([z[:h] for z in window[s: s + per_call]])).float().unflatten(0, (m, h)))
-        v = torch.cat(v)  # (len(window), h, C, H, W), the last one with z_i
-        if guided[i]:
-            v_cond, v_null = v.chunk(2, dim=1)
-            v = v_null + cfg_scale * (v_cond - v_null)  # (len(window), B, C, H, W)
-        dt = t[i + 1] - t[i]
-        err[i, i - len(window) + 1: i + 1] = ((v - v[-1]) * dt).pow(2).flatten(1).mean(1).sqrt().double().cpu()
-    cost = err / x_N.float().pow(2).mean().sqrt().item()
-    cost[torch.arange(N)[:, None] - torch.arange(N)[None, :] > cap] = math.inf  # beyond the cap: not measured
-    return cost.numpy()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -346,27 +283,35 @@ def to_uint8(x):
 
 def save_npz(path, images, labels):
     """ADM evaluator layout: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,); written atomically."""
-    with ddt.atomic_write(path) as f:  # a file object: np.savez would append ".npz" to a name
+    with plumbing.atomic_write(path) as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, arr_0=np.asarray(images, dtype=np.uint8), arr_1=np.asarray(labels, dtype=np.int64))
 
 
-def save_grid(path, images, labels, class_names=None, cols=8):
-    """Images in rows of `cols`, each with its class name (or index) written under it. Small images are
-    enlarged (nearest neighbour) to at least 64 px so that they and their names can be seen."""
+def save_grid(path, images, labels, class_names=None, per_row=10):
+    """One row per class, in the order the classes first appear, its name (or index) at the left in a margin as
+    wide as the longest name; a class with more than `per_row` images takes more rows. Small images are enlarged
+    (nearest neighbour) to at least 64 px so that they can be seen. The grid of sample.py and of train.py."""
     up = max(1, 64 // images.shape[1])
     images = images.repeat(up, axis=1).repeat(up, axis=2)
-    n, H, W, _ = images.shape
-    cols, text_h = min(cols, n), 14
-    rows = math.ceil(n / cols)
-    canvas = Image.new("RGB", (cols * W, rows * (H + text_h)), "white")
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    for i in range(n):
-        r, c = divmod(i, cols)
-        canvas.paste(Image.fromarray(images[i]), (c * W, r * (H + text_h)))
-        name = class_names[labels[i]] if class_names else str(labels[i])
-        draw.text((c * W + 2, r * (H + text_h) + H + 1), name[: max(1, W // 6)], fill="black", font=font)
+    _, H, W, _ = images.shape
+    font = ImageFont.load_default()
+    names = {y: class_names[y] if class_names else str(y) for y in labels}
+    rows = []  # (label, indices of its images), at most per_row each
+    for y in dict.fromkeys(labels):
+        idx = [i for i, l in enumerate(labels) if l == y]
+        rows += [(y if k == 0 else None, idx[k:k + per_row]) for k in range(0, len(idx), per_row)]
+    margin = 8 + max(round(font.getlength(n)) for n in names.values())
+    cols = max(len(idx) for _, idx in rows)
+    gap = 2  # white between the images
+    canvas = Image.new("RGB", (margin + cols * (W + gap), len(rows) * (H + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (y, idx) in enumerate(rows):
+        if y is not None:
+            draw.text((4, r * (H + gap) + H // 2), names[y], fill="black", font=font, anchor="lm")
+        for c, i in enumerate(idx):
+            canvas.paste(Image.fromarray(images[i]), (margin + c * (W + gap), r * (H + gap)))
     fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    with ddt.atomic_write(path) as f:
+    with plumbing.atomic_write(path) as f:
         canvas.save(f, format=fmt)
 
 
@@ -384,10 +329,9 @@ def read_json(path):
 
 
 def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs):
-    """--encoder-steps K with --sharing uniform|dp|dp-velocity: the DP on the paper's cosine cost
-    (measure_sharing_cost) or on the velocity error (measure_velocity_cost, reuse up to reuse_cap(N, K) steps
-    back), both measured along the trajectory of the chosen solver. A DP schedule is cached as JSON next to the
-    checkpoint, keyed by everything it depends on (the solver, its order and step rule too)."""
+    """--encoder-steps K with --sharing uniform|dp: the DP on the paper's cosine cost (measure_sharing_cost),
+    measured along the trajectory of the chosen solver. A DP schedule is cached as JSON next to the checkpoint,
+    keyed by everything it depends on (the solver, its order and step rule too)."""
     N = args.num_steps
     if k == N:
         return None
@@ -395,35 +339,29 @@ def sharing_schedule(args, k, model, latent_shape, device, autocast, cache_dirs)
         steps = uniform_schedule(N, k)
         print(f"encoder steps (uniform): {steps}")
         return steps
-    velocity = args.sharing == "dp-velocity"
     precision = str(autocast.fast_dtype).removeprefix("torch.") if isinstance(autocast, torch.autocast) else "float32"
     key = json.dumps(dict(sharing=args.sharing, solver=args.solver, order=args.order, sde=args.sde, num_steps=N, k=k,
-                          cfg_scale=args.cfg_scale,
-                          cfg_interval=args.cfg_interval, timeshift=args.timeshift, last_step=args.last_step,
-                          latent_shape=list(latent_shape), precision=precision, device=device.type,
-                          max_reuse=reuse_cap(N, k) if velocity else None, model=asdict(model.cfg),
-                          ckpt_bytes=os.path.getsize(args.ckpt), ckpt_mtime=os.path.getmtime(args.ckpt)))
-    name = "DP on the velocity error" if velocity else "DP"
+                          cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, timeshift=args.timeshift,
+                          last_step=args.last_step, latent_shape=list(latent_shape), precision=precision,
+                          device=device.type, model=asdict(model.cfg), ckpt_bytes=os.path.getsize(args.ckpt),
+                          ckpt_mtime=os.path.getmtime(args.ckpt)))
     paths = [os.path.join(d, os.path.basename(args.ckpt) + ".sharing.json") for d in cache_dirs]
     for path in paths:
         if key in (cache := read_json(path)):
-            print(f"encoder steps ({name}, cached in {path}): {cache[key]['steps']}")
+            print(f"encoder steps (DP, cached in {path}): {cache[key]['steps']}")
             return cache[key]["steps"]
-    kw = dict(device=device, order=args.order, sde=args.sde, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
-              last_step=args.last_step, timeshift=args.timeshift)
     with autocast:
-        if velocity:
-            cost = measure_velocity_cost(model, N, latent_shape, max_reuse=reuse_cap(N, k), **kw)
-        else:
-            cost = measure_sharing_cost(model, N, latent_shape, **kw)
+        cost = measure_sharing_cost(model, N, latent_shape, device=device, order=args.order, sde=args.sde,
+                                    cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+                                    last_step=args.last_step, timeshift=args.timeshift)
     steps = solve_sharing(cost, k)
     entry = dict(steps=steps, cost=sharing_cost(cost, steps), uniform_cost=sharing_cost(cost, uniform_schedule(N, k)))
-    print(f"encoder steps ({name}, reuse cost {entry['cost']:.4f} vs uniform {entry['uniform_cost']:.4f}): {steps}")
+    print(f"encoder steps (DP, reuse cost {entry['cost']:.4f} vs uniform {entry['uniform_cost']:.4f}): {steps}")
     for path in paths:  # next to the checkpoint, else next to the output
         try:
             cache = read_json(path)
             cache[key] = entry
-            with ddt.atomic_write(path, "w") as f:
+            with plumbing.atomic_write(path, "w") as f:
                 json.dump(cache, f, indent=1)
             break
         except OSError:
@@ -452,11 +390,11 @@ def checkpoint_info(args):
     # released Lightning checkpoint (or not a checkpoint at all: load_ddt says so): ImageNet, SD-VAE latents
     config = args.model or "DDT-XL/2"
     C = ddt.PRESETS[config].in_channels if config in ddt.PRESETS else 4
-    return ckpt, config, (C, args.image_size // 8, args.image_size // 8), ddt.VAE_SCALE, "sd-vae-ft-ema", None
+    return ckpt, config, (C, args.image_size // 8, args.image_size // 8), pretrained.VAE_SCALE, "sd-vae-ft-ema", None
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=ddt.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=plumbing.HelpFormatter)
     p.add_argument("--ckpt", required=True, help="project checkpoint, or a released Lightning one (see --model)")
     p.add_argument("--model", default=None, help="preset of a released checkpoint (default DDT-XL/2)")
     p.add_argument("--image-size", type=int, default=256, help="released checkpoints: image size (latent = /8)")
@@ -477,8 +415,8 @@ def main(argv=None):
     p.add_argument("--last-step", type=float, default=0.04, help="length of the final step to t = 1")
     p.add_argument("--seed", type=int, default=0, help="noise of sample i comes from (seed, i)")
     p.add_argument("--encoder-steps", type=int, default=None, help="encoder runs K (default: every step)")
-    p.add_argument("--sharing", choices=["dp", "dp-velocity", "uniform"], default="dp",
-                   help="which K steps run the encoder: DP on the paper's cosine cost, DP on the velocity error, even")
+    p.add_argument("--sharing", choices=["dp", "uniform"], default="dp",
+                   help="which K steps run the encoder: the DP on the paper's cosine cost, or spread evenly")
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--out", default=None, help="labelled grid image (default samples.png without --npz)")
     p.add_argument("--npz", default=None, help="ADM-evaluator .npz (arr_0 uint8 NHWC, arr_1 int64 labels)")
@@ -486,7 +424,7 @@ def main(argv=None):
     p.add_argument("--allow-pickle", action="store_true", help="trust a checkpoint that needs pickle")
     args = p.parse_args(argv)
     args.out = args.out or (None if args.npz else "samples.png")
-    ddt.check_output_folders(("--out", args.out), ("--npz", args.npz))  # before sampling, not after
+    plumbing.check_output_folders(("--out", args.out), ("--npz", args.npz))  # before sampling, not after
     for flag, value in (("--num-steps", args.num_steps), ("--batch-size", args.batch_size),
                         ("--num-samples", args.num_samples or 1)):
         if value < 1:
@@ -502,17 +440,17 @@ def main(argv=None):
         raise SystemExit(f"error: --encoder-steps must be between 1 and --num-steps ({args.num_steps}), "
                          f"got {args.encoder_steps}")
 
-    rank, _, world, device = ddt.setup_dist()
+    rank, _, world, device = plumbing.setup_dist()
     lock = None
     try:
         if rank == 0 and args.npz:  # one run per --npz: a second would delete this one's parts in flight
-            lock = ddt.lock_file(args.npz + ".lock", "--npz", args.npz, "sample.py")
-        with ddt.stop_signals() as received:
+            lock = plumbing.lock_file(args.npz + ".lock", "--npz", args.npz, "sample.py")
+        with plumbing.stop_signals() as received:
             run(args, rank, world, device, received)
     finally:
         if lock is not None:
-            ddt.unlock(lock, remove=True)
-        ddt.cleanup_dist()
+            plumbing.unlock(lock, remove=True)
+        plumbing.cleanup_dist()
 
 
 def weights_digest(model):
@@ -522,6 +460,24 @@ def weights_digest(model):
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def join_parts(npz, paths, n, labels):
+    """The finished batches' files (in order) joined into the ADM .npz, then removed (and their folder, if
+    empty); returns the images."""
+    images, s = None, 0
+    for path in paths:
+        with np.load(path) as f:
+            images = np.empty((n, *f["arr_0"].shape[1:]), np.uint8) if images is None else images
+            images[s:s + len(f["arr_0"])] = f["arr_0"]
+            s += len(f["arr_0"])
+    save_npz(npz, images, labels)
+    for path in paths:
+        os.remove(path)
+    if not os.listdir(os.path.dirname(paths[0])):
+        os.rmdir(os.path.dirname(paths[0]))
+    print(f"wrote {npz}: arr_0 uint8 {images.shape}, arr_1 int64 labels")
+    return images
 
 
 def run(args, rank, world, device, received):
@@ -534,7 +490,7 @@ def run(args, rank, world, device, received):
         del ckpt
         digest = weights_digest(model)
         model = model.to(device)
-        vae = None if pixel else ddt.load_vae(args.vae).to(device)
+        vae = None if pixel else pretrained.load_vae(args.vae).to(device)
     except (OSError, ValueError) as e:  # ddt.CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
     if args.encoder_steps is not None and not model.cfg.decoder_depth:
@@ -563,19 +519,19 @@ def run(args, rank, world, device, received):
     if rank == 0:
         steps = sharing_schedule(args, k, model, latent_shape, device, autocast,
                                  [os.path.dirname(os.path.abspath(args.ckpt)), out_dir])
-    steps = ddt.from_rank0(steps)
+    steps = plumbing.from_rank0(steps)
 
     settings = dict(weights=digest, seed=args.seed, num_steps=args.num_steps, solver=args.solver, order=args.order,
                     sde=args.sde, cfg=[args.cfg_scale] + args.cfg_interval,
                     timeshift=args.timeshift, last_step=args.last_step, encoder_steps=steps, bf16=bf16, vae=args.vae,
                     classes=classes, latent_shape=list(latent_shape), model=asdict(model.cfg))
     tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # parts of other settings never mix in
-    tag = ddt.from_rank0(tag)  # rank 0 decides: every rank names its parts alike
+    tag = plumbing.from_rank0(tag)  # rank 0 decides: every rank names its parts alike
     parts = os.path.splitext(args.npz)[0] + "_parts" if args.npz else None
     if parts:
         os.makedirs(parts, exist_ok=True)
         if rank == 0:  # what a killed run's atomic writes left (no rank writes before rank 0's list below)
-            ddt.remove_stale_tmp(os.path.join(glob.escape(parts), "*"), glob.escape(args.npz))
+            plumbing.remove_stale_tmp(os.path.join(glob.escape(parts), "*"), glob.escape(args.npz))
 
     def part_path(s, e):
         return os.path.join(parts, f"{s:07d}_{e:07d}_{tag}.npz")
@@ -583,17 +539,17 @@ def run(args, rank, world, device, received):
     chunks = [(s, min(s + args.batch_size, n)) for s in range(0, n, args.batch_size)]
     # the rest were done by an earlier run; rank 0 lists them for all ranks (one list, so every batch has one
     # owner and every rank makes the same number of rounds below), before any rank writes new parts
-    todo = ddt.from_rank0([c for c in chunks if not (parts and os.path.exists(part_path(*c)))] if rank == 0 else None)
+    todo = plumbing.from_rank0([c for c in chunks if not (parts and os.path.exists(part_path(*c)))] if rank == 0 else None)
     kept, stats, done, t0 = {}, {"encoder_evals": 0, "decoder_evals": 0}, 0, time.time()
     mine = todo[rank::world]
     for r in tqdm(range(math.ceil(len(todo) / world)), disable=rank != 0, desc=f"sampling on {world} rank(s)"):
         # every rank makes the same number of rounds (its last one may be empty): the stop check is a collective
-        if stop := ddt.stop_requested(received, device):
+        if stop := plumbing.stop_requested(received, device):
             kept_msg = f"the finished batches are kept in {parts}" if parts else "without --npz nothing is kept"
             if rank == 0:
                 print(f"stopped by {signal.Signals(stop).name}: {kept_msg}; rerun the same command to resume",
                       flush=True)
-            raise SystemExit(ddt.EXIT_STOPPED)
+            raise SystemExit(plumbing.EXIT_STOPPED)
         if r == len(mine):
             continue
         s, e = mine[r]
@@ -622,26 +578,15 @@ def run(args, rank, world, device, received):
         return
     done, enc, dec = counts.tolist()
     secs = time.time() - t0
-    print(f"sampled {int(done)} images in {secs:.1f}s ({done / max(secs, 1e-9):.2f} images/s); evaluations "
-          f"(images x steps, both CFG halves; outside the guidance interval only the conditional half runs, so "
-          f"schedules with the same K can differ): encoder {int(enc)}, decoder {int(dec)}")
-    if parts:
-        images = None
-        for s, e in chunks:
-            with np.load(part_path(s, e)) as f:
-                images = np.empty((n, *f["arr_0"].shape[1:]), np.uint8) if images is None else images
-                images[s:e] = f["arr_0"]
-        save_npz(args.npz, images, labels)
-        for s, e in chunks:
-            os.remove(part_path(s, e))
-        if not os.listdir(parts):
-            os.rmdir(parts)
-        print(f"wrote {args.npz}: arr_0 uint8 {images.shape}, arr_1 int64 labels")
-    else:
-        images = np.stack([kept[i] for i in range(n)])
+    print(f"sampled {int(done)} images, {args.num_steps} steps each, in {secs:.1f} s ({done / max(secs, 1e-9):.2f} "
+          f"images/s)")
+    if steps is not None:  # what sharing saved, counted in network passes over one image
+        print(f"encoder sharing: the encoder ran at {len(steps)} of the {args.num_steps} steps, {int(enc)} passes over "
+              f"one image against the decoder's {int(dec)} (a guided step makes two passes: with and without the class)")
+    images = join_parts(args.npz, [part_path(*c) for c in chunks], n, labels) if parts else \
+        np.stack([kept[i] for i in range(n)])
     if args.out:
-        cols = len(classes) if len(classes) <= 16 else 8  # one column per class
-        save_grid(args.out, images[:GRID_MAX], labels[:GRID_MAX], names, cols)
+        save_grid(args.out, images[:GRID_MAX], labels[:GRID_MAX], names)
         print(f"wrote {args.out}" + (f" (the first {GRID_MAX} of {n} images)" if n > GRID_MAX else ""))
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -21,17 +22,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFont
 
 import bench
 import ddt
 import evaluate
+import plumbing
 import prepare_latents
+import pretrained
 import sample
-import study
 import train
-from ddt import (DDT, PRESETS, AutoencoderKL, CheckpointError, DDTConfig, DINOv2, load_ddt, load_dino, load_vae,
-                 read_safetensors)
+from experiments import quality, samplers, study
+from ddt import DDT, PRESETS, CheckpointError, DDTConfig, load_ddt
+from pretrained import AutoencoderKL, DINOv2, load_dino, load_vae, read_safetensors
 from prepare_latents import center_crop_arr, list_images, make_toy_images
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -512,14 +515,14 @@ def test_vae_dataset_matches_direct_encode(tmp_path, monkeypatch):
         "--out", tmp_path / "out", "--batch-size", 3, "--num-workers", 0)
     a, meta = load_dataset(tmp_path / "out")
     x = torch.from_numpy(np.stack([crop(f, 16) for f in files])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    vae = ddt.load_vae(VAE_TINY)
+    vae = pretrained.load_vae(VAE_TINY)
     for name, img in (("latents", x), ("latents_flip", x.flip(3))):
         with torch.no_grad():
             mean, logvar = vae.encode(img)  # (8, 4, 4, 4): the tiny VAE downsamples by 4
         assert a[name].shape == (8, 2, 4, 4, 4)
         assert np.allclose(a[name][:, 0], mean.numpy(), rtol=2e-3, atol=2e-3)
         assert np.allclose(a[name][:, 1], torch.exp(0.5 * logvar).numpy(), rtol=2e-3, atol=1e-5)
-    assert meta["latent_shape"] == [4, 4, 4] and meta["scaling_factor"] == ddt.VAE_SCALE
+    assert meta["latent_shape"] == [4, 4, 4] and meta["scaling_factor"] == pretrained.VAE_SCALE
     assert meta["vae"] == VAE_TINY and not meta["has_images"] and "images" not in a
 
 
@@ -821,7 +824,7 @@ def save_tiny_ckpt(path, in_channels=3, vae="none", scaling=1.0, released=False)
         ckpt = {"config": asdict(model.cfg), "model": sd, "ema": sd, "step": 0,
                 "data": {"scaling_factor": scaling, "vae": vae, "latent_shape": [in_channels, 8, 8],
                          "num_classes": 4, "class_names": ["cat", "dog", "owl", "eel"], "resolution": 8}}
-    ddt.save_atomic(ckpt, str(path))
+    plumbing.save_atomic(ckpt, str(path))
     return str(path)
 
 
@@ -846,7 +849,8 @@ def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "a_parts").exists()
     cache = json.load(open(ckpt + ".sharing.json"))
     assert [len(v["steps"]) for v in cache.values()] == [3]
-    assert Image.open(tmp_path / "a.png").size[0] == 4 * 64  # a column per class, 8 px images shown at 64 px
+    W, H = Image.open(tmp_path / "a.png").size  # a row per class (3, 3, 2, 2 images), 8 px images shown at 64 px
+    assert H == 4 * (64 + 2) and 3 * (64 + 2) < W < 3 * (64 + 2) + 40
 
     # resume: the first run dies after one batch; the rerun reads the DP schedule from the cache and samples the rest
     real, calls = sample.sample_loop, []
@@ -942,14 +946,14 @@ def test_every_script_help_lists_its_defaults(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench.py", "--help"])
     for entry in (lambda: train.get_args(["--help"]), lambda: sample.main(["--help"]), bench.main,
                   lambda: prepare_latents.parse_args(["--help"]), lambda: evaluate.parse_args(["--help"]),
-                  lambda: study.main(["--help"])):
+                  lambda: study.main(["--help"]), lambda: samplers.main(["--help"])):
         with pytest.raises(SystemExit):
             entry()
     out = " ".join(capsys.readouterr().out.split())  # (argparse wraps lines)
     for line in ("images per optimizer step, all ranks (default: 256)", "solver steps N (the paper: 250) (default: 250)",
                  "timed training steps (median reported) (default: 10)", "per rank (default: 64)",
                  "images per network call (default: 64)",
-                 "training steps of every run (default: 600)"):
+                 "training steps of every run (default: 2000)", "samples per model and setting (default: 1000)"):
         assert line in out
     assert "(default: None)" not in out and "(default: False)" not in out
 
@@ -1028,9 +1032,10 @@ def test_sde_samples_do_not_depend_on_batching(tiny_ddt):
             sample.sample_loop(tiny_ddt, noise, y, 6, **bad)
 
 
-def adams_reference(model, noise, y, N, order, w, interval=(0.3, 1.0)):
+def adams_reference(model, noise, y, N, order, w, interval=(0.3, 1.0), last_step=0.04):
     """Adams written out, both halves at every step: (x_i list, z_i list (2B, tokens, D), x_N)."""
-    t, c = sample.timesteps(N), sample.adams_coefficients(sample.timesteps(N), order)
+    t = sample.timesteps(N, last_step)
+    c = sample.adams_coefficients(t, order)
     y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])
     x, xs, zs, vs = noise, [], [], []
     with torch.no_grad():
@@ -1044,29 +1049,21 @@ def adams_reference(model, noise, y, N, order, w, interval=(0.3, 1.0)):
     return xs, zs, x
 
 
+def calibration_batch(model, B, shape):
+    """measure_sharing_cost's batch, written out: the noise of images 0..B-1 of seed 0, labels spread."""
+    y = torch.tensor([i * model.cfg.num_classes // B for i in range(B)])
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(B)]), y
+
+
 def test_sharing_costs_follow_the_solvers_trajectory():
     model, N, B, w, shape = tiny_model(), 7, 3, 2.5, (4, 8, 8)
-    noise, y, _ = sample.calibration_batch(shape, model.cfg.num_classes, B, 0, torch.device("cpu"))
+    noise, y = calibration_batch(model, B, shape)
     xs, zs, x_N = adams_reference(model, noise, y, N, 2, w)
     zn = F.normalize(torch.stack(zs).double(), dim=-1)  # (N, 2B, tokens, D)
     direct = 1 - torch.einsum("ibnd,jbnd->ij", zn, zn).numpy() / (2 * B * zn.shape[2])
     cos2 = sample.measure_sharing_cost(model, N, shape, batch_size=B, cfg_scale=w, order=2)
     assert np.allclose(cos2, direct, atol=1e-6)
     assert np.abs(cos2 - sample.measure_sharing_cost(model, N, shape, batch_size=B, cfg_scale=w)).max() > 1e-4
-    t = sample.timesteps(N)
-    with torch.no_grad():
-        def v_at(i, z):
-            v = model.decode(torch.cat([xs[i], xs[i]]), t[i].repeat(2 * B), z)
-            v_cond, v_null = v.chunk(2)
-            return v_null + w * (v_cond - v_null) if 0.3 < t[i] < 1.0 else v_cond
-        vel = np.zeros((N, N))
-        for i in range(N):
-            for j in range(i + 1):
-                vel[i, j] = ((v_at(i, zs[j]) - v_at(i, zs[i])) * (t[i + 1] - t[i])).pow(2).mean().sqrt() \
-                    / x_N.pow(2).mean().sqrt()
-    vel2 = sample.measure_velocity_cost(model, N, shape, batch_size=B, cfg_scale=w, order=2)
-    assert np.allclose(vel2, vel, rtol=1e-4, atol=1e-7), np.abs(vel2 - vel).max()
-    assert np.abs(vel2 - sample.measure_velocity_cost(model, N, shape, batch_size=B, cfg_scale=w)).max() > 1e-5
 
 
 def test_sharing_cache_distinguishes_solvers(tmp_path, monkeypatch, capsys):
@@ -1122,39 +1119,47 @@ def table_rows(out):
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 1:] if line.startswith("|")]
 
 
-def test_bench_frontier_rows_are_the_solvers_deviations(capsys):
+def rel_rms(x, ref):
+    """The frontier's deviation, written out: sqrt(sum (x - ref)^2 / sum ref^2) over the batch."""
+    return math.sqrt(((x.double() - ref.double()) ** 2).sum().item() / (ref.double() ** 2).sum().item())
+
+
+def test_frontier_rows_are_the_solvers_deviations(capsys):
     models, shape, y = [tiny_model(seed=0), tiny_model(seed=1)], (4, 8, 8), torch.tensor([0, 5])
-    bench.frontier(models, shape, torch.device("cpu"), "fp32", [4, 6], 2, 2.0, reference_steps=20)
+    samplers.frontier(models, shape, torch.device("cpu"), "fp32", [4, 6], 2, 2.0, reference_steps=20)
     rows = {tuple(r[:3]): r[3:5] for r in table_rows(capsys.readouterr().out)}
-    assert len(rows) == 2 * 3 * 2
-    noise = sample.sample_noise(1000, range(2), shape)
+    assert sorted(rows) == sorted((name, str(N), K) for name in ("Euler", "Adams-2", "Adams-3") for N in (4, 6)
+                                  for K in ("-", str(N // 2)))
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(1000 * 1_000_003 + i))
+                         for i in range(2)])  # the frontier's batch: seed 1000, written out
     for (name, N, K), (blocks, dev) in rows.items():
-        order, N = bench.SOLVERS[name], int(N)
-        devs, work = [], []
+        order, N = {"Euler": 1, "Adams-2": 2, "Adams-3": 3}[name], int(N)
+        devs = []
         for model in models:
             steps = None if K == "-" else sample.solve_sharing(
                 sample.measure_sharing_cost(model, N, shape, order=order, cfg_scale=2.0), int(K))
-            stats = {}
-            x = sample.adams_sample(model, noise, y, N, order, 2.0, encoder_steps=steps, stats=stats)
-            devs.append(bench.deviation(x, sample.euler_sample(model, noise, y, 20, 2.0))[0])
-            work.append((2 * stats["encoder_evals"] + stats["decoder_evals"]) / 2)  # 2 + 1 blocks, batch 2
-        assert dev == bench.spread(devs) and blocks == f"{sum(work) / len(work):.0f}"
+            x = adams_reference(model, noise, y, N, order, 2.0)[2] if steps is None else sample.adams_sample(
+                model, noise, y, N, order, 2.0, encoder_steps=steps)
+            devs.append(rel_rms(x, adams_reference(model, noise, y, 20, 1, 2.0)[2]))
+        assert dev == f"{np.mean(devs):.4f} ± {np.std(devs, ddof=1):.4f}"
+        if K == "-":  # E + D = 3 blocks per image and step, twice at the guided steps (both halves)
+            guided = sum(0.3 < t < 1 for t in sample.timesteps(N)[:N].tolist())
+            assert float(blocks) == 3 * (2 * guided + N - guided)
     assert float(rows["Adams-2", "6", "-"][1].split()[0]) < float(rows["Euler", "6", "-"][1].split()[0])
     # --reference-last-step: the reference ends with a shorter step than the samplers' 0.04
-    bench.frontier(models[:1], shape, torch.device("cpu"), "fp32", [4], 2, 2.0, 20, reference_last_step=0.01)
+    samplers.frontier(models[:1], shape, torch.device("cpu"), "fp32", [4], 2, 2.0, 20, reference_last_step=0.01)
     row = {tuple(r[:3]): r[4] for r in table_rows(capsys.readouterr().out)}["Euler", "4", "-"]
-    ref = sample.euler_sample(models[0], noise, y, 20, 2.0, last_step=0.01)
-    assert row == bench.spread([bench.deviation(sample.euler_sample(models[0], noise, y, 4, 2.0), ref)[0]])
-    assert row != bench.spread([bench.deviation(sample.euler_sample(models[0], noise, y, 4, 2.0),
-                                                sample.euler_sample(models[0], noise, y, 20, 2.0))[0]])
+    x = adams_reference(models[0], noise, y, 4, 1, 2.0)[2]
+    assert row == f"{rel_rms(x, adams_reference(models[0], noise, y, 20, 1, 2.0, last_step=0.01)[2]):.4f}"
+    assert row != f"{rel_rms(x, adams_reference(models[0], noise, y, 20, 1, 2.0)[2]):.4f}"
 
 
-def test_bench_heatmap_marks_both_schedules(tmp_path):
+def test_heatmap_marks_both_schedules(tmp_path):
     rng = np.random.default_rng(0)
     z = np.cumsum(rng.normal(size=(12, 6)), axis=0)  # a drifting z: cost grows away from the diagonal
     z /= np.linalg.norm(z, axis=1, keepdims=True)
     cost = 1 - z @ z.T
-    dp, uni = bench.heatmap(str(tmp_path / "h.png"), cost, 4, "test")
+    dp, uni = samplers.heatmap(str(tmp_path / "h.png"), cost, 4, "test")
     assert dp == sample.solve_sharing(cost, 4) and uni == sample.uniform_schedule(12, 4) and dp != uni
     img = np.asarray(Image.open(tmp_path / "h.png").convert("RGB"))
     cell, top, left = 40, 34, 14  # 480 // 12 px per step
@@ -1171,26 +1176,45 @@ def test_bench_heatmap_marks_both_schedules(tmp_path):
     assert all(at(i, j) not in (white, red) for i in range(12) for j in range(i) if (i, j) not in paid)
 
 
-def test_bench_cli_modes(tmp_path, monkeypatch, capsys):
+def test_samplers_cli_modes(tmp_path, capsys):
     a, b = save_tiny_ckpt(tmp_path / "a.pt"), save_tiny_ckpt(tmp_path / "b.pt", in_channels=4)
-
-    def bench_cli(*argv):
-        monkeypatch.setattr(sys, "argv", ["bench.py", *map(str, argv)])
-        bench.main()
-
-    with pytest.raises(SystemExit, match="need --sample --ckpt"):
-        bench_cli("--frontier")
     with pytest.raises(SystemExit, match="share their config and latent shape"):
-        bench_cli("--sample", "--ckpt", a, b, "--heatmap", tmp_path / "h.png")
-    bench_cli("--sample", "--ckpt", a, "--heatmap", tmp_path / "h.png", "--num-steps", 6, "--encoder-steps", 2)
-    assert "wrote" in capsys.readouterr().out
-    assert Image.open(tmp_path / "h.png").size == (14 + 6 * 80 + 8, 34 + 480 + 30)  # margins + 80 px per step
+        samplers.main(["--ckpt", a, b, "--heatmap", str(tmp_path / "h.png")])
+    with pytest.raises(SystemExit, match="improved DiT"):
+        samplers.main(["--ckpt", IDIT_CKPT_SMALL(tmp_path), "--frontier"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        samplers.main(["--ckpt", a, "--quality", str(tmp_path / "q")])
+    assert "--quality needs --train-data and --val-data" in capsys.readouterr().err
+    ckpt = torch.load(a, weights_only=True)
+    for sd in (ckpt["model"], ckpt["ema"]):
+        sd["y_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"] * 50  # guidance matters
+    torch.save(ckpt, a)
+    samplers.main(["--ckpt", a, "--heatmap", str(tmp_path / "h.png"), "--num-steps", "6", "--encoder-steps", "2",
+                   "--cfg-scale", "2.0"])
+    line = capsys.readouterr().out.splitlines()[-1]
+    cost = sample.measure_sharing_cost(ddt.load_ddt(a), 6, (3, 8, 8), cfg_scale=2.0)
+    assert line == (f"wrote {tmp_path / 'h.png'}; K = 2: DP {sample.solve_sharing(cost, 2)}, uniform "
+                    f"{sample.uniform_schedule(6, 2)}")
+    samplers.heatmap(str(tmp_path / "direct.png"), cost, 2, f"{a}: N = 6, guidance 2.0")
+    cli_img, direct = (np.asarray(Image.open(tmp_path / f)) for f in ("h.png", "direct.png"))
+    assert cli_img.shape == (34 + 480 + 30, 14 + 6 * 80 + 8, 3) and np.array_equal(cli_img, direct)  # the model's cost
 
 
-def test_bench_sde_check_classifies_by_the_nearest_training_image(tmp_path, monkeypatch, capsys):
+def IDIT_CKPT_SMALL(tmp_path):
+    """A train.py checkpoint of a tiny improved DiT (3 channels, 8 x 8)."""
+    model = DDT(DDTConfig(in_channels=3, patch_size=2, hidden_size=32, num_heads=2, encoder_depth=2, decoder_depth=0,
+                          num_classes=10))
+    path = str(tmp_path / "idit.pt")
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": asdict(model.cfg),
+                "data": {"latent_shape": [3, 8, 8], "scaling_factor": 1.0, "vae": "none"}}, path)
+    return path
+
+
+def test_sde_check_classifies_by_the_nearest_training_image(tmp_path, monkeypatch, capsys):
     data = make_dataset(tmp_path / "data", n=20, num_classes=4)
     model, shape = tiny_model(in_channels=3, num_classes=4), (3, 8, 8)
-    bench.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
+    samplers.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
     rows = table_rows(capsys.readouterr().out)
     assert [r[0] for r in rows] == ["training images (leave one out)", "ode", "sde", "sde-mean", "sde-preserve"]
     assert all(0 <= float(r[1]) <= 100 and float(r[2]) > 0 for r in rows)
@@ -1205,7 +1229,7 @@ def test_bench_sde_check_classifies_by_the_nearest_training_image(tmp_path, monk
     # an oracle sampler that returns a training image of the class asked for: 100% agreement at distance 0
     first = {c: torch.from_numpy(lat[np.flatnonzero(labels == c)[0]]) for c in set(labels.tolist())}
     monkeypatch.setattr(sample, "sample_loop", lambda m, noise, y, *a, **k: torch.stack([first[int(c)] for c in y]))
-    bench.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
+    samplers.sde_check([model], shape, torch.device("cpu"), "fp32", 4, data, 2, 2.0)
     assert all(float(r[1]) == 100.0 and float(r[2]) == 0.0 for r in table_rows(capsys.readouterr().out)[1:])
 
 
@@ -1444,8 +1468,13 @@ def test_idit_samples_and_refuses_encoder_steps(tmp_path, monkeypatch):
             "--num-samples", 2, "--cfg-scale", 1.5]
     with pytest.raises(SystemExit, match="improved DiT .* no z to share; leave --encoder-steps out"):
         cli(monkeypatch, *args, "--encoder-steps", 3, "--out", tmp_path / "a.png")
-    cli(monkeypatch, *args, "--out", tmp_path / "b.png")
-    assert (tmp_path / "b.png").exists() and not (tmp_path / "a.png").exists()
+    cli(monkeypatch, *args, "--npz", tmp_path / "b.npz")
+    assert not (tmp_path / "a.png").exists()
+    model, vae = ddt.load_ddt(IDIT_CKPT, IDIT_TINY), load_vae(VAE_TINY)  # the same samples, written out
+    x = adams_reference(model, sample.sample_noise(0, range(2), (4, 4, 4)), torch.tensor([0, 1]), 3, 1, 1.5)[2]
+    with torch.no_grad(), np.load(tmp_path / "b.npz") as f:
+        assert f["arr_1"].tolist() == [0, 1]
+        assert np.abs(f["arr_0"].astype(int) - sample.to_uint8(vae.decode(x / 0.18215)).astype(int)).max() <= 1
     out = run_script("bench.py", "--model", "iDiT-S/2", "--hidden-size", "32", "--num-heads", "2", "--encoder-depth",
                      "2", "--image-size", "8", "--batch-size", "2", "--sample", "--num-steps", "3").stdout
     assert "no encoder sharing" in out
@@ -1504,10 +1533,17 @@ def test_val_loss_same_for_ranks_batch_sizes_and_resume(tmp_path, capsys):
     va, vb = fields(read_log(a)), fields(read_log(b))
     assert [r["step"] for r in va] == [2, 4] and va == vb  # bit-exact after a resume
     assert va[0]["val_size"] == 150 and len(va[0]["val_loss_t"]) == 8 and va[1]["val_loss"] != va[1]["val_loss_ema"]
+    # the batch size of the run that scores: with --lr 0 the weights stay at their (seeded) init, so runs of
+    # batch 16 and 8 hold the same weights at step 2 and must log the same val loss
+    c, d = str(tmp_path / "c"), str(tmp_path / "d")
+    train.main(["--data", data, "--out-dir", c, *flags, "--max-steps", "2", "--lr", "0"])
+    train.main(["--data", data, "--out-dir", d, *flags, "--max-steps", "2", "--lr", "0", "--global-batch-size", "8"])
+    vc, vd = fields(read_log(c)), fields(read_log(d))
+    assert vc == vd and vc[0]["val_loss"] != va[0]["val_loss"]
     before = sorted((f, os.path.getmtime(os.path.join(a, f))) for f in os.listdir(a))
     capsys.readouterr()
-    rec = train.main(["--data", data, "--out-dir", a, *flags, "--eval-only", "--global-batch-size", "8"])
-    assert fields([rec]) == va[1:]  # the same checkpoint at another batch size
+    rec = train.main(["--data", data, "--out-dir", a, *flags, "--eval-only"])
+    assert fields([rec]) == va[1:]  # the checkpoint scored alone gives what its run logged
     assert sorted((f, os.path.getmtime(os.path.join(a, f))) for f in os.listdir(a)) == before  # wrote nothing
     assert capsys.readouterr().out.startswith(f"step 4 | val_loss {rec['val_loss']:.4g} | val_loss_ema ")
     driver = tmp_path / "driver.py"
@@ -1675,7 +1711,7 @@ def test_train_sigterm_stops_after_the_step_and_resumes_bit_identical(tmp_path):
     proc.send_signal(signal.SIGINT)  # a second signal, most likely during the save: changes nothing
     rc, out = finished(proc, tmp_path / "log")
     step = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"]
-    assert rc == ddt.EXIT_STOPPED and "Traceback" not in out, out
+    assert rc == plumbing.EXIT_STOPPED and "Traceback" not in out, out
     assert f"stopped by SIGTERM at step {step}: rerun the same command to resume" in out
     assert 5 <= step < 200 and not tmp_files(b)  # no checkpoint before: the stop saved it
     train.main(["--data", data, "--out-dir", b, *flags])  # the same command resumes
@@ -1688,9 +1724,9 @@ def test_train_two_ranks_stop_at_the_same_step(tmp_path):
     data = make_dataset(tmp_path / "data", n=64)
     run = str(tmp_path / "run")
     driver = tmp_path / "driver.py"
-    driver.write_text(f"import json, os, sys\nsys.path.insert(0, {HERE!r})\nimport ddt, train\n"
-                      f"checks = []\nreal = ddt.stop_requested\n"
-                      f"ddt.stop_requested = lambda *a: checks.append(real(*a)) or checks[-1]\n"
+    driver.write_text(f"import json, os, sys\nsys.path.insert(0, {HERE!r})\nimport plumbing, train\n"
+                      f"checks = []\nreal = plumbing.stop_requested\n"
+                      f"plumbing.stop_requested = lambda *a: checks.append(real(*a)) or checks[-1]\n"
                       f"open(os.path.join({run!r}, 'pid' + os.environ['RANK']), 'w').write(str(os.getpid()))\n"
                       f"try:\n    train.main(sys.argv[1:])\nfinally:\n"
                       f"    open(os.path.join({run!r}, 'steps' + os.environ['RANK']), 'w').write(json.dumps(checks))\n")
@@ -1717,7 +1753,7 @@ def test_sample_and_prepare_stop_on_sigterm_keeping_finished_work(tmp_path):
     wait_until(lambda: parts.exists() and len(os.listdir(parts)) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
     rc, out = finished(proc, tmp_path / "log")
-    assert rc == ddt.EXIT_STOPPED and "Traceback" not in out, out
+    assert rc == plumbing.EXIT_STOPPED and "Traceback" not in out, out
     assert f"stopped by SIGTERM: the finished batches are kept in {parts}" in out
     assert len(os.listdir(parts)) >= 2 and not tmp_files(parts) and not (tmp_path / "s.npz").exists()
 
@@ -1727,7 +1763,7 @@ def test_sample_and_prepare_stop_on_sigterm_keeping_finished_work(tmp_path):
     wait_until(lambda: progress.exists() and len(os.listdir(progress)) >= 2, proc)
     proc.send_signal(signal.SIGINT)
     rc, out = finished(proc, tmp_path / "log2")
-    assert rc == ddt.EXIT_STOPPED and "Traceback" not in out, out
+    assert rc == plumbing.EXIT_STOPPED and "Traceback" not in out, out
     assert "stopped by SIGINT: the finished chunks are kept" in out
     done = os.listdir(progress)
     assert 2 <= len(done) < 50 and not (tmp_path / "toy" / "meta.json").exists()
@@ -1838,7 +1874,7 @@ def test_atomic_write_removes_its_temporary_file_on_failure(tmp_path):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(b"the last good checkpoint")
     with pytest.raises(OSError, match="No space left"):
-        with ddt.atomic_write(str(path)) as f:
+        with plumbing.atomic_write(str(path)) as f:
             f.write(b"half of a checkpoint")
             raise OSError(28, "No space left on device")  # what a full disk raises
     assert os.listdir(tmp_path) == ["ckpt.pt"] and path.read_bytes() == b"the last good checkpoint"
@@ -1850,8 +1886,8 @@ def test_process_group_timeout_allows_long_checkpoint_writes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
         monkeypatch.setenv(k, v)
-    ddt.setup_dist()
-    assert seen["timeout"] == ddt.DIST_TIMEOUT and ddt.DIST_TIMEOUT.total_seconds() >= 30 * 60
+    plumbing.setup_dist()
+    assert seen["timeout"] == plumbing.DIST_TIMEOUT and plumbing.DIST_TIMEOUT.total_seconds() >= 30 * 60
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak memory from Linux's /proc")
@@ -1862,7 +1898,7 @@ def test_sampling_maps_the_checkpoint_and_skips_the_optimizer(tmp_path):
     ckpt = {"config": asdict(model.cfg), "model": sd, "ema": sd, "step": 0,
             "optimizer": {"state": {0: {"exp_avg": torch.ones(100_000_000)}}, "param_groups": []},
             "data": {"scaling_factor": 1.0, "vae": "none", "latent_shape": [3, 8, 8], "num_classes": 4}}
-    ddt.save_atomic(ckpt, str(tmp_path / "ckpt.pt"))
+    plumbing.save_atomic(ckpt, str(tmp_path / "ckpt.pt"))
     del ckpt
     driver = ("import sys; sys.path.insert(0, sys.argv[1]); import sample\n"
               "def peak():  # this process's peak resident memory, kB (ru_maxrss would count the parent's)\n"
@@ -1892,7 +1928,7 @@ def test_sample_ranks_that_read_different_weights_refuse(tmp_path):
     other = tmp_path / "other.pt"
     sd = torch.load(ckpt, weights_only=True)
     sd["ema"] = {k: v + 1 for k, v in sd["ema"].items()}
-    ddt.save_atomic(sd, str(other))
+    plumbing.save_atomic(sd, str(other))
     driver = tmp_path / "driver.py"
     driver.write_text(f"import os, sys\nsys.path.insert(0, {HERE!r})\nimport ddt, sample\n"
                       f"real = ddt.load_checkpoint\n"
@@ -1952,7 +1988,7 @@ def test_gpu_resumes_a_cpu_checkpoint_with_fused_adamw(tmp_path):
 
 
 def hold_lock(path):
-    """Another process holding the lock that ddt.lock_file takes on `path` (a POSIX record lock), as a live run
+    """Another process holding the lock that plumbing.lock_file takes on `path` (a POSIX record lock), as a live run
     does; kill it to let go."""
     code = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
             "print('held', flush=True)\ntime.sleep(300)\n")
@@ -2019,10 +2055,10 @@ def test_prepare_latents_a_rank_stopped_or_killed_ends_every_rank(tmp_path, monk
         finally:
             end_all(ranks)
         if sig == signal.SIGUSR1:
-            assert rc0 == rc1 == ddt.EXIT_STOPPED and "Traceback" not in out0 + out1, out0 + out1
+            assert rc0 == rc1 == plumbing.EXIT_STOPPED and "Traceback" not in out0 + out1, out0 + out1
             assert "stopped by SIGUSR1: the finished chunks are kept" in out0
         else:
-            assert rc1 == -signal.SIGKILL and rc0 not in (0, ddt.EXIT_STOPPED), out0  # ended, not left waiting
+            assert rc1 == -signal.SIGKILL and rc0 not in (0, plumbing.EXIT_STOPPED), out0  # ended, not left waiting
         assert not (out / "meta.json").exists() and len(os.listdir(progress)) < 50
     run_prepare(monkeypatch, *args)  # one process resumes what the two ranks left
     run_prepare(monkeypatch, *args[:2], tmp_path / "ref", *args[3:])
@@ -2093,7 +2129,7 @@ def test_prepare_latents_rerun_of_a_stopped_overwrite_resumes(tmp_path, monkeypa
     stopping, calls[:] = True, []
     with pytest.raises(SystemExit) as e:  # --overwrite redoes it, and is stopped halfway
         run_prepare(monkeypatch, *args)
-    assert e.value.code == ddt.EXIT_STOPPED and len(os.listdir(out / ".progress")) == 2
+    assert e.value.code == plumbing.EXIT_STOPPED and len(os.listdir(out / ".progress")) == 2
     assert "stopped by SIGUSR1: the finished chunks are kept" in capsys.readouterr().out
     stopping, calls[:] = False, []
     run_prepare(monkeypatch, *args)  # the same command resumes: the probe and the 2 chunks left
@@ -2161,7 +2197,7 @@ def test_train_lock_is_free_right_after_a_sigkill_though_its_workers_live_on(tmp
         assert all(os.path.exists(f"/proc/{pid}") for pid in workers)  # alive, holding what they inherited
         lock = train.lock_out_dir(str(run))  # the rerun's lock, at once (it used to be "in use by a live run")
         assert lock is not None
-        ddt.unlock(lock)
+        plumbing.unlock(lock)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -2660,13 +2696,12 @@ def test_gpu_inception_and_precision_recall_match_cpu(inception):
 
 
 # =============================================================================================
-# issue 13: encoder sharing chosen by the error it causes (measure_velocity_cost, --sharing dp-velocity);
 # issue 12 item 7a (the cosine calibration over both guidance halves) and item 5 (the cache key)
 
 
 def calibration_run(model, N, B, w, interval, shape=(4, 8, 8)):
     """The unshared sampler written out, both halves at every step: (x_i list, z_i list (2B, N, D), t, x_N)."""
-    noise, y, _ = sample.calibration_batch(shape, model.cfg.num_classes, B, 0, torch.device("cpu"))
+    noise, y = calibration_batch(model, B, shape)
     t = sample.timesteps(N)
     y2 = torch.cat([y, torch.full_like(y, model.cfg.num_classes)])
     x, xs, zs = noise, [], []
@@ -2678,41 +2713,6 @@ def calibration_run(model, N, B, w, interval, shape=(4, 8, 8)):
         v = v_null + w * (v_cond - v_null) if interval[0] < t[i] < interval[1] else v_cond
         x = x + v * (t[i + 1] - t[i])
     return xs, zs, t, x
-
-
-def test_velocity_cost_against_direct_computation_and_cap():
-    model, N, B, w, interval = tiny_model(), 7, 3, 2.5, (0.3, 1.0)  # steps 0-2 unguided, 3-6 guided
-    with torch.no_grad():
-        xs, zs, t, x_N = calibration_run(model, N, B, w, interval)
-        direct = np.zeros((N, N))
-        for i in range(N):
-            def v_at(z):
-                v = model.decode(torch.cat([xs[i], xs[i]]), t[i].repeat(2 * B), z)
-                v_cond, v_null = v.chunk(2)
-                return v_null + w * (v_cond - v_null) if interval[0] < t[i] < interval[1] else v_cond
-            for j in range(i + 1):
-                direct[i, j] = ((v_at(zs[j]) - v_at(zs[i])) * (t[i + 1] - t[i])).pow(2).mean().sqrt() \
-                    / x_N.pow(2).mean().sqrt()
-    cost = sample.measure_velocity_cost(model, N, (4, 8, 8), batch_size=B, cfg_scale=w, cfg_interval=interval)
-    assert cost.shape == (N, N) and cost.dtype == np.float64
-    assert np.allclose(cost, direct, rtol=1e-4, atol=1e-7), np.abs(cost - direct).max()
-    assert direct[np.tril_indices(N, -1)].min() > 1e-4  # the comparison is not between zeros
-    assert np.all(np.triu(cost, 1) == 0) and np.allclose(np.diag(cost), 0, atol=1e-7)
-    # the cap: entries farther back than max_reuse are inf, the others as measured without it
-    capped = sample.measure_velocity_cost(model, N, (4, 8, 8), batch_size=B, cfg_scale=w, cfg_interval=interval,
-                                          max_reuse=2)
-    far = np.subtract.outer(np.arange(N), np.arange(N)) > 2
-    assert np.all(np.isinf(capped[far])) and np.allclose(capped[~far], cost[~far], rtol=1e-5, atol=1e-8)
-    for k in range(3, N + 1):  # the DP never reuses beyond the cap, and is the best schedule that does not
-        steps = sample.solve_sharing(capped, k)
-        assert max(np.diff(steps + [N])) <= 3 and np.isfinite(sample.sharing_cost(capped, steps))
-        best = min(sample.sharing_cost(capped, [0, *r]) for r in itertools.combinations(range(1, N), k - 1))
-        assert np.isclose(sample.sharing_cost(capped, steps), best, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="infinite"):
-        sample.solve_sharing(capped, 2)  # 2 runs cannot cover 7 steps with segments of at most 3
-    assert sample.reuse_cap(100, 10) == 40 and sample.reuse_cap(10, 2) == 9
-    for n, k in [(100, 10), (7, 3), (50, 25), (9, 1)]:  # the uniform schedule always fits under the cap
-        assert max(np.diff(sample.uniform_schedule(n, k) + [n])) - 1 <= sample.reuse_cap(n, k)
 
 
 def test_cosine_cost_averages_both_guidance_halves_as_released():
@@ -2736,10 +2736,8 @@ def test_cosine_cost_averages_both_guidance_halves_as_released():
 def test_sharing_schedule_cache_key(tmp_path, monkeypatch, capsys):
     ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
     model = ddt.load_ddt(ckpt)
-    calls = []
-    for name in ("measure_sharing_cost", "measure_velocity_cost"):
-        real = getattr(sample, name)
-        monkeypatch.setattr(sample, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    calls, real = [], sample.measure_sharing_cost
+    monkeypatch.setattr(sample, "measure_sharing_cost", lambda *a, **k: calls.append(k["cfg_scale"]) or real(*a, **k))
     args = argparse.Namespace(ckpt=ckpt, num_steps=6, cfg_scale=2.0, cfg_interval=[0.3, 1.0], timeshift=1.0,
                               last_step=0.04, sharing="dp", solver="euler", order=1, sde="none")
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
@@ -2750,83 +2748,123 @@ def test_sharing_schedule_cache_key(tmp_path, monkeypatch, capsys):
         return sample.sharing_schedule(args, 3, model, (3, 8, 8), device, autocast, [str(tmp_path)])
 
     fp32_dp = schedule("dp", nullcontext())
-    for sharing, autocast in [("dp", bf16), ("dp-velocity", nullcontext()), ("dp-velocity", bf16)]:
-        schedule(sharing, autocast)  # each a new entry: measured
-    assert calls == ["measure_sharing_cost", "measure_sharing_cost", "measure_velocity_cost", "measure_velocity_cost"]
+    schedule("dp", bf16)  # a new entry: measured
+    args.cfg_scale = 3.0
+    schedule("dp", nullcontext())  # another guidance scale: measured
+    assert calls == [2.0, 2.0, 3.0]
+    args.cfg_scale = 2.0
     capsys.readouterr()
-    assert schedule("dp", nullcontext()) == fp32_dp and len(calls) == 4 and "cached" in capsys.readouterr().out
+    assert schedule("dp", nullcontext()) == fp32_dp and len(calls) == 3 and "cached" in capsys.readouterr().out
+    assert schedule("uniform", nullcontext()) == sample.uniform_schedule(6, 3) and len(calls) == 3  # not cached
     keys = [json.loads(k) for k in json.load(open(ckpt + ".sharing.json"))]
-    assert sorted((k["sharing"], k["precision"], k["device"], k["max_reuse"]) for k in keys) == [
-        ("dp", "bfloat16", "cpu", None), ("dp", "float32", "cpu", None),
-        ("dp-velocity", "bfloat16", "cpu", 5), ("dp-velocity", "float32", "cpu", 5)]
+    assert sorted((k["sharing"], k["precision"], k["device"], k["cfg_scale"]) for k in keys) == [
+        ("dp", "bfloat16", "cpu", 2.0), ("dp", "float32", "cpu", 2.0), ("dp", "float32", "cpu", 3.0)]
     monkeypatch.setattr(sample, "measure_sharing_cost", lambda *a, **k: np.zeros((6, 6)))  # no CUDA needed
     schedule("dp", nullcontext(), torch.device("meta"))  # another device type: not the CPU's entry
-    assert len(json.load(open(ckpt + ".sharing.json"))) == 5
+    assert len(json.load(open(ckpt + ".sharing.json"))) == 4
 
 
-def test_cli_sharing_dp_velocity_end_to_end(tmp_path, monkeypatch, capsys):
-    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
-    args = ["--ckpt", ckpt, "--num-samples", 4, "--num-steps", 8, "--cfg-scale", 2.0, "--encoder-steps", 3,
-            "--sharing", "dp-velocity"]
-    cli(monkeypatch, *args, "--npz", tmp_path / "a.npz")
-    out = capsys.readouterr().out
-    assert "encoder steps (DP on the velocity error, reuse cost" in out
-    (entry,) = json.load(open(ckpt + ".sharing.json")).values()
-    model = ddt.load_ddt(ckpt)
-    cost = sample.measure_velocity_cost(model, 8, (3, 8, 8), cfg_scale=2.0, max_reuse=sample.reuse_cap(8, 3))
-    assert entry["steps"] == sample.solve_sharing(cost, 3) and len(entry["steps"]) == 3
-    assert np.isclose(entry["cost"], sample.sharing_cost(cost, entry["steps"]))
-    noise = sample.sample_noise(0, range(4), (3, 8, 8))
-    x = sample.euler_sample(model, noise, torch.tensor([0, 1, 2, 3]), 8, 2.0, encoder_steps=entry["steps"])
-    with np.load(tmp_path / "a.npz") as f:
-        assert np.abs(f["arr_0"].astype(int) - sample.to_uint8(x).astype(int)).max() <= 1
-    cli(monkeypatch, *args, "--npz", tmp_path / "b.npz")
-    assert "encoder steps (DP on the velocity error, cached" in capsys.readouterr().out
-
-
-def test_bench_sharing_table_compares_the_schedules(capsys):
-    bench.sharing_table([tiny_model()], (4, 8, 8), torch.device("cpu"), "fp32", 6, [2, 3], 2, 2.0,
-                        ["dp", "dp-velocity", "uniform"])
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |")
-            or line.startswith("| 3 |")]
-    assert [r[1] for r in rows] == ["dp", "dp-velocity", "uniform"] * 2
-    for r in rows:
-        assert all(np.isfinite(float(v)) for v in r[2:6]) and float(r[4]) <= float(r[5]) + 1e-9  # RMS <= worst
+def test_sharing_table_compares_the_schedules(capsys):
+    model = tiny_model()
+    samplers.sharing_table([model], (4, 8, 8), torch.device("cpu"), "fp32", 6, [2, 3], 2, 2.0, repeats=1)
+    rows = table_rows(capsys.readouterr().out)
+    assert [(r[0], r[1]) for r in rows] == [("2", "dp"), ("2", "uniform"), ("3", "dp"), ("3", "uniform")]
+    cost = sample.measure_sharing_cost(model, 6, (4, 8, 8), cfg_scale=2.0)
+    noise = sample.sample_noise(1000, range(2), (4, 8, 8))
+    ref = sample.euler_sample(model, noise, torch.tensor([0, 5]), 6, 2.0)
+    for k, name, c, dev, worst, *_ in rows:
+        steps = sample.solve_sharing(cost, int(k)) if name == "dp" else sample.uniform_schedule(6, int(k))
+        x = sample.euler_sample(model, noise, torch.tensor([0, 5]), 6, 2.0, encoder_steps=steps)
+        err = ((x - ref) ** 2).flatten(1).mean(1)  # per image, written out
+        assert float(c) == pytest.approx(sample.sharing_cost(cost, steps), abs=1e-4)
+        assert float(dev) == pytest.approx((err.mean() / (ref ** 2).mean()).sqrt().item(), abs=1e-4)
+        assert float(worst) == pytest.approx((err / (ref ** 2).flatten(1).mean(1)).sqrt().max().item(), abs=1e-4)
 
 
 # =============================================================================================
-# study.py: the paper in miniature (issue 17)
+# experiments/: the paper in miniature (issues 17, 25) and the quality measure (issue 26)
 
 
-def test_study_convergence_column_on_a_hand_made_curve():
-    assert study.steps_to_reach([100, 200, 300, 400], [1.0, 0.8, 0.6, 0.5], 0.7) == pytest.approx(250)  # linear between evaluations
+def hand_made_results(curves):
+    """study's result dicts from {name: per-seed value lists at steps 100..400}; the first one is the iDiT."""
+    return [dict(name=name, decoder_depth=0 if i == 0 else 2, params=1e6, gflops=0.01,
+                 curves={str(s): list(zip([100, 200, 300, 400], v)) for s, v in enumerate(values)})
+            for i, (name, values) in enumerate(curves.items())]
+
+
+def test_study_speedup_curve_and_tail_on_a_hand_made_curve():
+    assert study.steps_to_reach([100, 200, 300, 400], [1.0, 0.8, 0.6, 0.5], 0.7) == pytest.approx(250)  # linear
     assert study.steps_to_reach([100, 200], [1.0, 0.8], 1.2) == 100  # already there at the first evaluation
     assert study.steps_to_reach([100, 200], [1.0, 0.8], 0.5) == math.inf  # never
-    curve = lambda values: {str(s): list(zip([100, 200, 300, 400], v)) for s, v in enumerate(values)}  # noqa: E731
-    results = [dict(name="iDiT", decoder_depth=0, curves=curve([[1.0, 0.8, 0.7, 0.6], [1.0, 0.8, 0.7, 0.6]])),
-               dict(name="4En2De", decoder_depth=2, curves=curve([[0.9, 0.6, 0.5, 0.4], [0.9, 0.6, 0.5, 0.4]])),
-               dict(name="2En4De", decoder_depth=4, curves=curve([[1.1, 1.0, 0.9, 0.8], [1.1, 0.9, 0.9, 0.7]]))]
+    # the split reaches the iDiT's loss at T = 200 (0.8) at 150, at T = 300 (0.7) at 200, at T = 400 (0.6) at 250
+    curve = study.speedup_curve([100, 200, 300, 400], [1.0, 0.8, 0.7, 0.6], [0.9, 0.7, 0.5, 0.4])
+    assert curve == [(100, 100, 1.0), (200, pytest.approx(150), pytest.approx(4 / 3)),
+                     (300, 200, 1.5), (400, 250, 1.6)]  # a ratio that grows with the run: not settled
+    assert study.tail_change([100, 200, 300, 400, 500], [1.0, 0.8, 0.7, 0.6, 0.5]) == pytest.approx(0.2)
+    assert study.tail_change([100, 200, 300, 400, 500], [1.0, 0.8, 0.7, 0.6, 0.6]) == 0  # flat
+    results = hand_made_results({"iDiT": [[1.0, 0.8, 0.7, 0.6], [1.0, 0.8, 0.7, 0.6]],
+                                 "4En2De": [[0.9, 0.7, 0.5, 0.4], [0.9, 0.7, 0.5, 0.4]],
+                                 "2En4De": [[1.1, 1.0, 0.9, 0.8], [1.1, 0.9, 0.9, 0.7]]})
     base = study.summarize(results)
     assert base["name"] == "iDiT" and base["steps_to_base"] == 400 and base["speedup"] == 1
-    assert results[1]["steps_to_base"] == 200 and results[1]["speedup"] == 2  # the paper's "2x faster"
+    assert results[1]["steps_to_base"] == 250 and results[1]["speedup"] == 1.6
     assert results[2]["steps_to_base"] == math.inf and results[2]["final_mean"] == pytest.approx(0.75)
     assert results[2]["final_std"] == pytest.approx(np.std([0.8, 0.7], ddof=1))
-    results = [{**r, "params": 1e6, "gflops": 0.01, "sec_per_step": 0.1} for r in results]
-    rows = study.table(results, base).splitlines()
-    assert "| 4En2De |" in rows[3] and "| 200 | 2.00x |" in rows[3] and "| not reached | - |" in rows[4]
+    rows = study.tables(results, base).splitlines()
+    assert "| 4En2De |" in rows[3] and "| 250 | 1.60x |" in rows[3] and "| not reached | - |" in rows[4]
+    matched = [r for r in rows if r.startswith("| 4En2De | 0.")]
+    assert matched == ["| 4En2De | 0.9000 (1.00x) | 0.7000 (1.33x) | 0.5000 (1.50x) | 0.4000 (1.60x) |"]
+
+
+def test_welch_p_values_match_known_ones():
+    assert study.betainc(2.5, 0.5, 5 / 9) == pytest.approx(0.1019395, abs=1e-6)  # t = 2, 5 df: scipy's 0.10194
+    assert study.betainc(1, 1, 0.3) == pytest.approx(0.3)  # the uniform distribution
+    # scipy.stats.ttest_ind(a, b, equal_var=False).pvalue, computed once
+    assert study.welch([1, 2, 3], [2, 3, 4.5]) == pytest.approx(0.280287, abs=1e-5)
+    assert study.welch([0.50, 0.52, 0.51], [0.60, 0.59, 0.61]) == pytest.approx(0.000385068, rel=1e-5)
+    assert math.isnan(study.welch([1.0], [2.0, 3.0])) and math.isnan(study.welch([1, 1], [1, 1]))
+    assert study.fmt_p(0.21) == "0.21 (indistinguishable)" and study.fmt_p(0.004) == "0.004"
+
+
+def test_study_refuses_a_width_below_the_patch():
+    with pytest.raises(SystemExit, match="below the 48 numbers of a patch .*16-dimensional subspace"):
+        study.check_width(DDTConfig(in_channels=3, patch_size=4, hidden_size=16, num_heads=2))
+    study.check_width(DDTConfig(in_channels=3, patch_size=2, hidden_size=12, num_heads=3))  # 12 = C p^2: allowed
+
+
+def test_quality_measure_known_answers(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "train_classifier", lambda x, y, k, seed=0, real=quality.train_classifier:
+                        real(x, y, k, steps=60, seed=seed))
+    data = make_dataset(tmp_path / "data", n=64, latent_shape=(3, 8, 8))
+    val = make_dataset(tmp_path / "val", n=48, latent_shape=(3, 8, 8), seed=1)
+    scorer = quality.Scorer(str(tmp_path / "clf.pt"), data, val)
+    xv, yv = quality.read_images(val)
+    same = scorer.score(xv, yv)
+    assert abs(same["fd"]) < 1e-6 and same["agreement"] == scorer.floor["val_accuracy"]  # identical sets: 0
+    shifted = scorer.score(xv + 0.5, yv)
+    assert shifted["fd"] > 1e-3  # a shifted set: more
+    assert scorer.score(xv + 1.0, yv)["fd"] > shifted["fd"]
+    again = quality.Scorer(str(tmp_path / "clf.pt"), data, val)  # read back from the file, not retrained
+    assert again.score(xv + 0.5, yv) == shifted
+    with pytest.raises(SystemExit, match="is a classifier of"):
+        quality.Scorer(str(tmp_path / "clf.pt"), val, data)
+
+
+def study_argv(tmp_path, *extra):
+    data, val = make_dataset(tmp_path / "data", n=32), make_dataset(tmp_path / "val", n=16, seed=1)
+    return ["--data", data, "--val-data", val, "--model", "DDT-S/2", "--hidden-size", "48", "--num-heads", "2",
+            "--patch-size", "4", "--depth", "2", "--encoder-depths", "2", "1", "--seeds", "0", "1", "--steps", "4",
+            "--val-every", "1", "--ckpt-every", "2", "--batch-size", "8", "--num-samples", "0", *extra]
 
 
 def test_study_runs_every_configuration_and_seed_and_resumes_without_retraining(tmp_path, monkeypatch):
-    data, val = make_dataset(tmp_path / "data", n=32), make_dataset(tmp_path / "val", n=16, seed=1)
-    argv = ["--data", data, "--val-data", val, "--out-dir", str(tmp_path / "study"), "--model", "DDT-S/2",
-            "--hidden-size", "32", "--num-heads", "2", "--depth", "2", "--encoder-depths", "2", "1",
-            "--seeds", "0", "1", "--steps", "2", "--val-every", "1", "--batch-size", "8"]
+    argv = study_argv(tmp_path, "--out-dir", str(tmp_path / "study"))
     calls, real_main = [], train.main
 
     def interrupted(argv):  # the third run is stopped (as by SIGTERM) before it finishes
         calls.append(argv)
         if len(calls) == 3:
-            raise SystemExit(ddt.EXIT_STOPPED)
+            raise SystemExit(plumbing.EXIT_STOPPED)
         return real_main(argv)
 
     monkeypatch.setattr(train, "main", interrupted)
@@ -2836,16 +2874,147 @@ def test_study_runs_every_configuration_and_seed_and_resumes_without_retraining(
     monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
     results = study.main(argv)
     assert [c[c.index("--out-dir") + 1].rsplit(os.sep, 1)[1] for c in calls] == ["iDiT_seed1", "1En1De_seed1"]
-    assert [r["name"] for r in results] == ["iDiT", "1En1De"]
-    assert [r["decoder_depth"] for r in results] == [0, 1]
-    for r in results:  # every curve: the val loss of the EMA model at steps 1 and 2, as logged by train.py
-        assert set(r["curves"]) == {"0", "1"} and all([s for s, _ in c] == [1, 2] for c in r["curves"].values())
+    assert [r["name"] for r in results] == ["iDiT", "1En1De"] and [r["decoder_depth"] for r in results] == [0, 1]
+    for r in results:  # every curve: the val loss of the EMA model at steps 1..4, as logged by train.py
+        assert set(r["curves"]) == {"0", "1"} and all([s for s, _ in c] == [1, 2, 3, 4] for c in r["curves"].values())
         log = read_log(str(tmp_path / "study" / "runs" / f"{r['name']}_seed1"))
         assert r["curves"]["1"][-1][1] == [rec["val_loss_ema"] for rec in log if "val_loss_ema" in rec][-1]
     saved = json.load(open(tmp_path / "study" / "study.json"))
     assert saved["results"][1]["curves"] == {k: [list(p) for p in c] for k, c in results[1]["curves"].items()}
+    assert saved["significance"][0][:2] == ["iDiT", "1En1De"]
     md = open(tmp_path / "study" / "study.md").read()
-    assert "| iDiT |" in md and "| 1En1De |" in md and "over 2 seeds" in md
+    assert "| iDiT |" in md and "| 1En1De |" in md and "over 2 seeds" in md and "Welch" in md
     calls.clear()
     study.main(argv)  # all finished: nothing is trained again
     assert calls == []
+
+
+def test_study_stopped_by_a_signal_mid_run_then_rerun_gives_the_same_json(tmp_path):
+    argv = study_argv(tmp_path)
+    driver = tmp_path / "driver.py"  # the study, sending itself SIGTERM after the 2nd of the 2nd run's 4 steps
+    driver.write_text(f"import os, signal, sys\nsys.path.insert(0, {HERE!r})\nimport train\n"
+                      f"from experiments import study\nreal, n = train.update_ema, [0]\n"
+                      f"def ema(*a):\n    real(*a)\n    n[0] += 1\n"
+                      f"    if n[0] == int(os.environ.get('STOP_AT', 0)):\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+                      f"train.update_ema = ema\nstudy.main(sys.argv[1:])\n")
+
+    def study_run(out):
+        return start_script(tmp_path / f"{out}.log", driver, *argv, "--out-dir", tmp_path / out).wait(timeout=300)
+
+    assert study_run("whole") == 0
+    os.environ["STOP_AT"] = "6"
+    try:
+        assert study_run("stopped") == plumbing.EXIT_STOPPED
+    finally:
+        os.environ.pop("STOP_AT")
+    log = tmp_path / "stopped" / "runs" / "1En1De_seed0" / "log.jsonl"
+    assert [json.loads(line)["step"] for line in open(log)][-1] == 2  # stopped in the middle of the 2nd run
+    assert not (tmp_path / "stopped" / "study.json").exists()
+    assert study_run("stopped") == 0
+    assert "resumed" in open(tmp_path / "stopped.log").read()
+    whole, stopped = (json.load(open(tmp_path / d / "study.json")) for d in ("whole", "stopped"))
+    assert whole == stopped
+
+
+def test_study_with_sample_quality_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quality, "train_classifier", lambda x, y, k, seed=0, real=quality.train_classifier:
+                        real(x, y, k, steps=30, seed=seed))
+    argv = study_argv(tmp_path, "--out-dir", str(tmp_path / "s"))
+    argv[argv.index("--num-samples") + 1] = "12"
+    results = study.main([*argv, "--sample-steps", "3"])
+    for r in results:
+        assert len(r["fd"]) == 2 and all(0 <= a <= 100 for a in r["agreement"])
+    model = ddt.load_ddt(str(tmp_path / "s" / "runs" / "1En1De_seed1" / "ckpt.pt"))  # one score, written out
+    x, y = quality.draw(model, (3, 8, 8), 12, 3)
+    assert results[1]["quality"]["1"] == quality.Scorer(str(tmp_path / "s" / "classifier.pt"), argv[1],
+                                                        argv[3]).score(x, y)
+    md = open(tmp_path / "s" / "study.md").read()
+    assert "Fréchet distance" in md and "| real training images |" in md
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_quality_frontier_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "train_classifier", lambda x, y, k, seed=0, real=quality.train_classifier:
+                        real(x, y, k, steps=30, seed=seed))
+    data = make_dataset(tmp_path / "data", n=32, num_classes=4)
+    val = make_dataset(tmp_path / "val", n=16, num_classes=4, seed=1)
+    a, b = save_tiny_ckpt(tmp_path / "a.pt"), save_tiny_ckpt(tmp_path / "b.pt")
+    out = tmp_path / "q"
+    argv = ["--quality", str(out), "--ckpt", a, b, "--train-data", data, "--val-data", val, "--num-steps", "4",
+            "--num-samples", "8", "--repeats", "0"]
+    samplers.main(argv)
+    res = json.load(open(out / "quality.json"))
+    settings = [("unshared", 4), ("dp", 2), ("uniform", 2), ("dp", 1), ("uniform", 1)]  # K = 2, 1.4 -> 1, 0.8 -> 1
+    assert samplers.quality_settings(4) == settings
+    assert len(res["entries"]) == 2 * 2 * len(settings) and res["times"] == {}
+    e = res["entries"][f"{a}|Adams-2|4|uniform|2"]
+    scorer = quality.Scorer(str(out / "classifier.pt"), data, val)
+    x, y = quality.draw(ddt.load_ddt(a), (3, 8, 8), 8, 4, order=2, encoder_steps=[0, 2])
+    assert e["steps"] == [0, 2] and {k: e[k] for k in ("fd", "agreement")} == scorer.score(x, y)
+    assert e["blocks"] == 2 * 2 + 1 * 4  # E = 2 at 2 steps, D = 1 at 4, no guidance
+    rows = table_rows(open(out / "quality.md").read())
+    assert len(rows) == 2 * len(settings) + 1 and rows[-1][0] == "real images (floor)"
+    mtime = os.path.getmtime(out / "quality.json")
+    samplers.main([*argv[:-1], "1"])  # resumed: every entry is there, only the times are measured
+    res2 = json.load(open(out / "quality.json"))
+    assert res2["entries"] == res["entries"] and len(res2["times"]) == 2 * len(settings)
+    assert os.path.getmtime(out / "quality.json") > mtime
+    assert all(r[-1].endswith(" ms") for r in table_rows(open(out / "quality.md").read())[:-1])
+
+
+# =============================================================================================
+# what a newcomer trips on (issue 27)
+
+
+def test_study_without_matplotlib_says_no_figure_loudly(tmp_path, monkeypatch, capsys):
+    real_import = __import__
+    monkeypatch.setattr("builtins.__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("matplotlib") else real_import(name, *a, **k))
+    study.main(study_argv(tmp_path, "--out-dir", str(tmp_path / "s")))
+    out = capsys.readouterr().out
+    assert "NO FIGURE: matplotlib is not installed" in out and out.rstrip().endswith("NO FIGURE (see above)")
+    assert not (tmp_path / "s" / "study.png").exists() and (tmp_path / "s" / "study.md").exists()
+
+
+def test_sample_summary_speaks_plainly(tmp_path, monkeypatch, capsys):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    cli(monkeypatch, "--ckpt", ckpt, "--num-samples", 4, "--num-steps", 5, "--out", tmp_path / "a.png")
+    out = capsys.readouterr().out
+    assert re.search(r"^sampled 4 images, 5 steps each, in [0-9.]+ s \([0-9.]+ images/s\)$", out, re.M), out
+    assert "encoder sharing" not in out and "K" not in out.replace("OK", "")
+    cli(monkeypatch, "--ckpt", ckpt, "--num-samples", 4, "--num-steps", 5, "--encoder-steps", 2, "--sharing",
+        "uniform", "--out", tmp_path / "b.png")
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("encoder sharing")]
+    assert line == ["encoder sharing: the encoder ran at 2 of the 5 steps, 8 passes over one image against the "
+                    "decoder's 20 (a guided step makes two passes: with and without the class)"]
+
+
+def test_training_and_sampling_grids_share_one_layout_with_whole_names(tmp_path):
+    names = ["red_disk", "blue_square", "green_triangle", "checkerboard"]
+    images = np.zeros((8, 8, 8, 3), np.uint8)
+    sample.save_grid(str(tmp_path / "g.png"), images, [3, 0, 3, 0, 3, 0, 3, 0], names)
+    img = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
+    margin = img.shape[1] - 4 * 66  # 4 images per row, 64 px each and 2 px between
+    assert img.shape[0] == 2 * 66  # a row per class: checkerboard first (its first image comes first), then red_disk
+    font = ImageFont.load_default()
+    assert margin == 8 + round(font.getlength("checkerboard"))  # the longest name shown fits whole
+    ink = np.flatnonzero((img[:, :margin] < 128).any(0))
+    assert ink.max() < margin - 2  # nothing drawn into the images
+    assert (img[:66, :margin] < 128).any() and (img[66:, :margin] < 128).any()  # one label per row
+    # train.py's grid: the same routine, 8 images of each class in its own row
+    model, meta = tiny_model(in_channels=3, num_classes=4), {"num_classes": 4, "latent_shape": [3, 8, 8],
+                                                               "class_names": names, "scaling_factor": 1.0}
+    train.write_grid(model, None, meta, argparse.Namespace(seed=0, sample_steps=2), torch.device("cpu"),
+                     str(tmp_path / "t.png"))
+    W, H = Image.open(tmp_path / "t.png").size
+    assert H == 4 * 66 and W == 8 + round(font.getlength("green_triangle")) + 8 * 66  # its longest name
+
+
+def test_train_log_line_tells_the_time_left(tmp_path):
+    data = make_dataset(tmp_path / "data", n=32)
+    run = str(tmp_path / "run")
+    train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "4", "--log-every", "2"])
+    recs = [r for r in read_log(run) if "loss" in r]
+    assert [r["step"] for r in recs] == [2, 4] and recs[-1]["time_left"] == "0s"
+    assert re.fullmatch(r"\d+s|\d+m\d\ds", recs[0]["time_left"])
+    assert train.duration(42.4) == "42s" and train.duration(432) == "7m12s" and train.duration(3900) == "1h05m"

@@ -19,7 +19,7 @@ not deterministic): every random draw of step s (data order, t, noise, class dro
 (seed, step, rank), so the step number is the whole data/RNG state.
 
 SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) stops the run after the step in progress (all ranks at the same step), writes
-OUT/ckpt.pt and exits with status ddt.EXIT_STOPPED (75); a second signal during that write changes nothing. One run
+OUT/ckpt.pt and exits with status plumbing.EXIT_STOPPED (75); a second signal during that write changes nothing. One run
 per folder: rank 0 holds an OS lock on OUT/train.lock while it runs (released by the OS if the process dies).
 """
 
@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddt
+import plumbing
+import pretrained
 import sample
 
 # -----------------------------------------------------------------------------------------------
@@ -273,21 +275,21 @@ def add_model_args(p, default):
 
 
 def lock_out_dir(out_dir):
-    """Rank 0's lock on OUT/train.lock (ddt.lock_file), held while the returned file stays open. With the lock,
+    """Rank 0's lock on OUT/train.lock (plumbing.lock_file), held while the returned file stays open. With the lock,
     the temporary files that a killed run's atomic writes left are removed."""
     os.makedirs(out_dir, exist_ok=True)
-    f = ddt.lock_file(os.path.join(out_dir, "train.lock"), "--out-dir", out_dir, "train.py")
+    f = plumbing.lock_file(os.path.join(out_dir, "train.lock"), "--out-dir", out_dir, "train.py")
     if f is not None:
         d = glob.escape(out_dir)  # the lock is ours: leftovers of train.py's own files are a killed run's (not a
         # sample.py's reading this folder, which writes its own)
-        ddt.remove_stale_tmp(os.path.join(d, "ckpt*.pt"), os.path.join(d, "log.jsonl"),
+        plumbing.remove_stale_tmp(os.path.join(d, "ckpt*.pt"), os.path.join(d, "log.jsonl"),
                              os.path.join(d, "samples", "*.png"))
     return f
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train DDT (flow matching + REPA). Defaults are the paper's, "
-                                "except the EMA warm-up (--no-ema-warmup).", formatter_class=ddt.HelpFormatter)
+                                "except the EMA warm-up (--no-ema-warmup).", formatter_class=plumbing.HelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory from prepare_latents.py")
     p.add_argument("--out-dir", required=True, help="run directory: ckpt.pt, log.jsonl, samples/")
     add_model_args(p, default="DDT-XL/2")
@@ -363,19 +365,19 @@ def main(argv=None):
     meta = read_meta(args.data)  # a wrong --data (or --val-data) is reported before --out-dir is created
     val = (ValSet(args.val_data, args.val_size, meta, args.data)
            if args.val_data and (args.val_every or args.eval_only) else None)
-    rank, local_rank, world, device = ddt.setup_dist()
+    rank, local_rank, world, device = plumbing.setup_dist()
     lock = None
     try:
         if args.eval_only:
             return eval_only(args, val, rank, device)
         if rank == 0:
             lock = lock_out_dir(args.out_dir)
-        with ddt.stop_signals() as received:
+        with plumbing.stop_signals() as received:
             return train(args, val, rank, local_rank, world, device, received)
     finally:
         if lock is not None:
             lock.close()
-        ddt.cleanup_dist()
+        plumbing.cleanup_dist()
 
 
 def eval_only(args, val, rank, device):
@@ -392,9 +394,157 @@ def eval_only(args, val, rank, device):
     return rec
 
 
+def load_teacher(path, meta, cfg, device):
+    """The DINOv2 teacher of --dino, checked to give as many tokens as the DDT has."""
+    try:
+        teacher = pretrained.load_dino(path).to(device)
+    except (OSError, ValueError, NotImplementedError) as e:
+        raise SystemExit(f"--dino: {e}") from None
+    H, W = meta["resolution"], meta["resolution"]
+    with torch.no_grad():
+        n_teacher = teacher(torch.zeros(1, 3, H, W, device=device)).shape[1]
+    n_student = (meta["latent_shape"][1] // cfg.patch_size) * (meta["latent_shape"][2] // cfg.patch_size)
+    if n_teacher != n_student:
+        raise SystemExit(f"REPA needs as many DINOv2 tokens as DDT tokens: {n_teacher} from {H} px images vs "
+                         f"{n_student} from {meta['latent_shape'][1:]} latents at --patch-size {cfg.patch_size}")
+    return teacher
+
+
+def build(cfg, teacher, args, device):
+    """(Student: the model and the REPA projector, the model's float32 EMA, AdamW), seeded by --seed."""
+    torch.manual_seed(args.seed)
+    model = ddt.DDT(cfg)
+    student = Student(model, teacher.embed_dim if teacher else 0, args.repa_layer).to(device)
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),
+                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+    return student, ema, opt
+
+
+def resume(ckpt_path, args, cfg, student, ema, opt):
+    """Load OUT/ckpt.pt into the model, the REPA projector, the EMA and the optimizer after checking that it is
+    this run's (data order, config, REPA); returns its step."""
+    try:
+        ckpt = ddt.load_checkpoint(ckpt_path)
+    except ValueError as e:
+        raise SystemExit(f"cannot resume: {e}\nMove {ckpt_path} away to start over, or copy a kept "
+                         f"ckpt_STEP.pt (--keep-every) in its place.") from None
+    order = {"global_batch_size": args.global_batch_size, "seed": args.seed}
+    if ckpt.get("data_order", order) != order:
+        raise SystemExit(f"{ckpt_path} was trained with {ckpt['data_order']}: resume with the same "
+                         f"--global-batch-size and --seed, so that the data order continues")
+    if ckpt["config"] != asdict(cfg):
+        raise SystemExit(f"{ckpt_path} was trained with {ckpt['config']}, but the flags give {asdict(cfg)}; "
+                         f"use the same model flags, or another --out-dir for a new run")
+    if bool(ckpt.get("projector")) != (student.projector is not None):
+        raise SystemExit(f"{ckpt_path} was trained {'with' if ckpt.get('projector') else 'without'} REPA; "
+                         f"resume it {'with' if ckpt.get('projector') else 'without'} --dino")
+    student.model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    if student.projector is not None:
+        student.projector.load_state_dict(ckpt["projector"])
+    opt_state = ckpt["optimizer"]
+    for group in opt_state["param_groups"]:  # the flags win over the stored hyperparameters (e.g. a lower
+        # --lr), and `fused` must be this device's before loading: it decides where the step counts go
+        # (a CPU-saved state resumed on a GPU with fused AdamW needs them on the GPU)
+        group.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                     fused=opt.defaults["fused"])
+    opt.load_state_dict(opt_state)
+    return ckpt["step"]
+
+
+def truncate_log(log_path, step):
+    """Drop the lines of log.jsonl after `step` (those steps are redone) and any line torn by a crash."""
+    if not os.path.exists(log_path):
+        return
+    kept = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by a crash mid-write
+                continue
+    with plumbing.atomic_write(log_path, "w") as f:
+        f.writelines(kept)
+
+
+def flow_matching_inputs(batch, gen, scale, class_dropout, num_classes, device):
+    """A step's linear flow-matching problem, every draw from `gen`: x_t = t x + (1 - t) noise for a posterior
+    sample x, t = sigmoid(randn), labels dropped to the null class with p = class_dropout; (x_t, t, y, x - noise)."""
+    mean, std, y = (batch[k].to(device, non_blocking=True) for k in ("mean", "std", "y"))
+    x = (mean + std * torch.randn(mean.shape, generator=gen, device=device)) * scale  # posterior sample
+    noise = torch.randn(x.shape, generator=gen, device=device)
+    t = torch.sigmoid(torch.randn(len(x), generator=gen, device=device))  # lognorm t
+    drop = torch.rand(len(x), generator=gen, device=device) < class_dropout
+    y = torch.where(drop, num_classes, y)  # null class for classifier-free guidance
+    x_t = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * noise
+    return x_t, t, y, x - noise
+
+
+def accumulate_gradients(model, x_t, t, y, target, feats, args, sums, world, autocast):
+    """Forward and backward of one optimizer step in args.grad_accum micro-steps (DDP syncs the gradients on the
+    last one); adds the flow-matching and REPA losses to sums[:2]; returns the last micro-step's loss."""
+    micro = len(x_t) // args.grad_accum
+    for k in range(args.grad_accum):
+        part = slice(k * micro, (k + 1) * micro)
+        sync = k == args.grad_accum - 1 or world == 1
+        with (model.no_sync() if not sync else torch.enable_grad()), autocast:
+            v, proj = model(x_t[part], t[part], y[part])
+            fm = F.mse_loss(v.float(), target[part])
+            repa = torch.zeros((), device=x_t.device)
+            if proj is not None:
+                repa = (1 - F.cosine_similarity(proj.float(), feats[part].float(), dim=-1)).mean()
+            loss = fm + args.repa_weight * repa
+        (loss / args.grad_accum).backward()
+        sums[:2] += torch.stack([fm.detach(), repa.detach()]) / args.grad_accum
+    return loss
+
+
+def save_checkpoint(args, step, student, ema, opt, cfg, meta):
+    """OUT/ckpt.pt (and ckpt_STEP.pt every --keep-every steps), plain data, written atomically."""
+    ckpt = {"model": student.model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "projector": student.projector.state_dict() if student.projector is not None else {},
+            "step": step, "config": asdict(cfg), "args": vars(args) | {"betas": list(args.betas)},
+            "data_order": {"global_batch_size": args.global_batch_size, "seed": args.seed},
+            "data": {k: meta[k] for k in ("scaling_factor", "vae", "latent_shape", "resolution",
+                                           "num_classes", "class_names")}}
+    plumbing.save_atomic(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
+    if args.keep_every and step % args.keep_every == 0:
+        plumbing.save_atomic(ckpt, os.path.join(args.out_dir, f"ckpt_{step:07d}.pt"))
+
+
+def grid_decoder(args, meta, device):
+    """The VAE that decodes the sample grids of a latent dataset (its own, if it is still there), else None."""
+    if not args.sample_every or meta["vae"] == "none":
+        return None
+    if not os.path.exists(meta["vae"]):
+        print(f"sample grids off: the dataset's VAE {meta['vae']} is not there any more")
+        args.sample_every = 0
+        return None
+    return pretrained.load_vae(meta["vae"]).to(device)
+
+
+def train_record(step, means, steps_per_s, args, lr, seconds_left, device):
+    """The log record of the steps since the last one: `means` (flow-matching loss, REPA loss, grad norm)."""
+    fm, repa, grad_norm = means
+    rec = {"step": step, "loss": fm + args.repa_weight * repa, "fm": fm, "repa": repa, "grad_norm": grad_norm,
+           "lr": lr, "steps_per_s": steps_per_s, "images_per_s": steps_per_s * args.global_batch_size,
+           "time_left": duration(seconds_left)}
+    if device.type == "cuda":
+        rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return rec
+
+
+def duration(seconds):
+    """'1h05m', '7m12s' or '42s'."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def train(args, val, rank, local_rank, world, device, received):
     """The run of main(); `val` is the ValSet of --val-data (None: no validation loss), `received` gets the stop
-    signals (ddt.stop_signals)."""
+    signals (plumbing.stop_signals)."""
     master = rank == 0
     if args.global_batch_size % (world * args.grad_accum):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} must divide by ranks x --grad-accum "
@@ -410,74 +560,19 @@ def train(args, val, rank, local_rank, world, device, received):
         raise SystemExit(f"--repa-layer {args.repa_layer} must be in 1..{cfg.encoder_depth} (the encoder depth"
                          f"{'' if cfg.decoder_depth else ': all the blocks of an improved DiT'})")
 
-    teacher = None
-    if args.dino:
-        try:
-            teacher = ddt.load_dino(args.dino).to(device)
-        except (OSError, ValueError, NotImplementedError) as e:
-            raise SystemExit(f"--dino: {e}") from None
-        H, W = meta["resolution"], meta["resolution"]
-        with torch.no_grad():
-            n_teacher = teacher(torch.zeros(1, 3, H, W, device=device)).shape[1]
-        n_student = (meta["latent_shape"][1] // cfg.patch_size) * (meta["latent_shape"][2] // cfg.patch_size)
-        if n_teacher != n_student:
-            raise SystemExit(f"REPA needs as many DINOv2 tokens as DDT tokens: {n_teacher} from {H} px images vs "
-                             f"{n_student} from {meta['latent_shape'][1:]} latents at --patch-size {cfg.patch_size}")
+    teacher = load_teacher(args.dino, meta, cfg, device) if args.dino else None
 
-    # model, EMA, optimizer; raw_model stays unwrapped for saving, EMA and sampling
-    torch.manual_seed(args.seed)
-    raw_model = ddt.DDT(cfg)
-    student = Student(raw_model, teacher.embed_dim if teacher else 0, args.repa_layer).to(device)
-    ema = copy.deepcopy(raw_model).float().requires_grad_(False).eval()
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),
-                            weight_decay=args.weight_decay, fused=fused)
+    student, ema, opt = build(cfg, teacher, args, device)
+    raw_model = student.model  # unwrapped, for saving, the EMA and sampling
 
     ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
-    if os.path.exists(ckpt_path):  # resume
-        try:
-            ckpt = ddt.load_checkpoint(ckpt_path)
-        except ValueError as e:
-            raise SystemExit(f"cannot resume: {e}\nMove {ckpt_path} away to start over, or copy a kept "
-                             f"ckpt_STEP.pt (--keep-every) in its place.") from None
-        order = {"global_batch_size": args.global_batch_size, "seed": args.seed}
-        if ckpt.get("data_order", order) != order:
-            raise SystemExit(f"{ckpt_path} was trained with {ckpt['data_order']}: resume with the same "
-                             f"--global-batch-size and --seed, so that the data order continues")
-        if ckpt["config"] != asdict(cfg):
-            raise SystemExit(f"{ckpt_path} was trained with {ckpt['config']}, but the flags give {asdict(cfg)}; "
-                             f"use the same model flags, or another --out-dir for a new run")
-        if bool(ckpt.get("projector")) != (student.projector is not None):
-            raise SystemExit(f"{ckpt_path} was trained {'with' if ckpt.get('projector') else 'without'} REPA; "
-                             f"resume it {'with' if ckpt.get('projector') else 'without'} --dino")
-        raw_model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        if student.projector is not None:
-            student.projector.load_state_dict(ckpt["projector"])
-        opt_state = ckpt["optimizer"]
-        for group in opt_state["param_groups"]:  # the flags win over the stored hyperparameters (e.g. a lower
-            # --lr), and `fused` must be this device's before loading: it decides where the step counts go
-            # (a CPU-saved state resumed on a GPU with fused AdamW needs them on the GPU)
-            group.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay, fused=fused)
-        opt.load_state_dict(opt_state)
-        step = ckpt["step"]
-        del ckpt, opt_state  # the rest of the memory-mapped file
+    if os.path.exists(ckpt_path):
+        step = resume(ckpt_path, args, cfg, student, ema, opt)
         if master:
             print(f"resumed {ckpt_path} at step {step}")
     if master:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-        log_path = os.path.join(args.out_dir, "log.jsonl")
-        if os.path.exists(log_path):  # drop what was logged after the checkpoint: those steps are redone
-            kept = []
-            with open(log_path) as f:
-                for line in f:
-                    try:
-                        if json.loads(line)["step"] <= step:
-                            kept.append(line if line.endswith("\n") else line + "\n")
-                    except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by a crash mid-write
-                        continue
-            with ddt.atomic_write(log_path, "w") as f:
-                f.writelines(kept)
+        truncate_log(os.path.join(args.out_dir, "log.jsonl"), step)
     if world > 1:  # every rank must have resumed from the same step (a node-local --out-dir would not)
         steps = torch.tensor([step, -step], device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
@@ -495,17 +590,6 @@ def train(args, val, rank, local_rank, world, device, received):
         model = torch.compile(model)
     params = list(student.parameters())
 
-    def save(step):
-        ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "projector": student.projector.state_dict() if student.projector is not None else {},
-                "step": step, "config": asdict(cfg), "args": vars(args) | {"betas": list(args.betas)},
-                "data_order": {"global_batch_size": args.global_batch_size, "seed": args.seed},
-                "data": {k: meta[k] for k in ("scaling_factor", "vae", "latent_shape", "resolution",
-                                               "num_classes", "class_names")}}
-        ddt.save_atomic(ckpt, ckpt_path)
-        if args.keep_every and step % args.keep_every == 0:
-            ddt.save_atomic(ckpt, os.path.join(args.out_dir, f"ckpt_{step:07d}.pt"))
-
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{n_params / 1e6:.1f}M parameters, {asdict(cfg)}\n{world} rank(s) x {args.grad_accum} micro-step(s) "
@@ -514,15 +598,9 @@ def train(args, val, rank, local_rank, world, device, received):
     loader = torch.utils.data.DataLoader(StepDataset(batches, step, max_steps), batch_size=None, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False, prefetch_factor=4 if args.num_workers else None,
-                                         worker_init_fn=ddt.ignore_stop_signals)
+                                         worker_init_fn=plumbing.ignore_stop_signals)
     scale = meta["scaling_factor"]
-    grid_vae = None  # latent sets: the grids are decoded with the dataset's VAE, if it is still there
-    if master and args.sample_every and meta["vae"] != "none":
-        if os.path.exists(meta["vae"]):
-            grid_vae = ddt.load_vae(meta["vae"]).to(device)
-        else:
-            print(f"sample grids off: the dataset's VAE {meta['vae']} is not there any more")
-            args.sample_every = 0
+    grid_vae = grid_decoder(args, meta, device) if master else None
 
     def log(rec):  # rank 0: a line on stdout and in log.jsonl
         if master:
@@ -533,35 +611,17 @@ def train(args, val, rank, local_rank, world, device, received):
     img_flops = 3 * flops_per_image(cfg, *meta["latent_shape"][1:])
     peak = peak_flops(device)
     sums = torch.zeros(3, device=device)  # fm loss, repa loss, grad norm, summed over the log interval
-    t0, t_step0 = time.time(), step
+    t0, t_step0, t_wall = time.time(), step, time.time()  # t0 counts training only, t_wall everything
 
     for batch in loader:
         # one optimizer step of args.grad_accum micro-steps; all draws seeded by (seed, step, rank)
         gen = torch.Generator(device).manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
-        mean, std, y = (batch[k].to(device, non_blocking=True) for k in ("mean", "std", "y"))
-        x = (mean + std * torch.randn(mean.shape, generator=gen, device=device)) * scale  # posterior sample
-        noise = torch.randn(x.shape, generator=gen, device=device)
-        t = torch.sigmoid(torch.randn(len(x), generator=gen, device=device))  # lognorm t
-        drop = torch.rand(len(x), generator=gen, device=device) < args.class_dropout
-        y = torch.where(drop, cfg.num_classes, y)  # null class for classifier-free guidance
-        x_t = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * noise
-        target = x - noise
+        x_t, t, y, target = flow_matching_inputs(batch, gen, scale, args.class_dropout, cfg.num_classes, device)
         feats = None
         if teacher is not None:
             with torch.no_grad(), autocast:
                 feats = teacher(batch["images"].to(device, non_blocking=True).float() / 255)  # (B, N, 768)
-        for k in range(args.grad_accum):
-            part = slice(k * micro, (k + 1) * micro)
-            sync = k == args.grad_accum - 1 or world == 1
-            with (model.no_sync() if not sync else torch.enable_grad()), autocast:
-                v, proj = model(x_t[part], t[part], y[part])
-                fm = F.mse_loss(v.float(), target[part])
-                repa = torch.zeros((), device=device)
-                if proj is not None:
-                    repa = (1 - F.cosine_similarity(proj.float(), feats[part].float(), dim=-1)).mean()
-                loss = fm + args.repa_weight * repa
-            (loss / args.grad_accum).backward()
-            sums[:2] += torch.stack([fm.detach(), repa.detach()]) / args.grad_accum
+        loss = accumulate_gradients(model, x_t, t, y, target, feats, args, sums, world, autocast)
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
         if not torch.isfinite(grad_norm):  # the gradients are all-reduced, so every rank stops here together
             raise SystemExit(f"non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}); stopped "
@@ -577,19 +637,14 @@ def train(args, val, rank, local_rank, world, device, received):
         if step % args.log_every == 0 or step == max_steps:
             if world > 1:
                 dist.all_reduce(sums)
-            n, dt = (step - t_step0) * world, time.time() - t0
-            fm_l, repa_l, gn = (sums / n).tolist()
-            sps = (step - t_step0) / dt
-            rec = {"step": step, "loss": fm_l + args.repa_weight * repa_l, "fm": fm_l, "repa": repa_l,
-                   "grad_norm": gn, "lr": opt.param_groups[0]["lr"], "steps_per_s": sps,
-                   "images_per_s": sps * args.global_batch_size}
-            if device.type == "cuda":
-                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                if peak:
-                    rec["mfu"] = rec["images_per_s"] / world * img_flops / peak
+            n = step - t_step0
+            rec = train_record(step, (sums / (n * world)).tolist(), n / (time.time() - t0), args,
+                               opt.param_groups[0]["lr"], (max_steps - step) * (time.time() - t_wall) / n, device)
+            if peak:
+                rec["mfu"] = rec["images_per_s"] / world * img_flops / peak
             log(rec)
             sums.zero_()
-            t0, t_step0 = time.time(), step
+            t0, t_step0, t_wall = time.time(), step, time.time()
         # the validation loss before the checkpoint: one lost to a crash in between is redone with the steps
         if val is not None and (step % args.val_every == 0 or step == max_steps):
             rec = val_record(step, raw_model, ema, val, device, autocast)
@@ -598,19 +653,19 @@ def train(args, val, rank, local_rank, world, device, received):
         saved = step % args.ckpt_every == 0 or step == max_steps or bool(args.keep_every
                                                                           and step % args.keep_every == 0)
         if master and saved:
-            save(step)
+            save_checkpoint(args, step, student, ema, opt, cfg, meta)
         if master and args.sample_every and (step % args.sample_every == 0 or step == max_steps):
             write_grid(ema, grid_vae, meta, args, device, os.path.join(args.out_dir, "samples", f"{step:07d}.png"))
-        stop = ddt.stop_requested(received, device) if step < max_steps else 0  # the same on every rank
+        stop = plumbing.stop_requested(received, device) if step < max_steps else 0  # the same on every rank
         if master and stop and not saved:
-            save(step)
+            save_checkpoint(args, step, student, ema, opt, cfg, meta)
         if world > 1 and (step % args.ckpt_every == 0 or step == max_steps or stop):
             dist.barrier()  # no rank runs ahead of (or exits before) a checkpoint being written
         if stop:
             if master:
                 print(f"stopped by {signal.Signals(stop).name} at step {step}: rerun the same command to resume",
                       flush=True)
-            raise SystemExit(ddt.EXIT_STOPPED)
+            raise SystemExit(plumbing.EXIT_STOPPED)
     return raw_model
 
 
