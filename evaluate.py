@@ -264,7 +264,8 @@ def dino_batch(dino, batch):
     class token after the final norm -> float32 numpy (B, D). `dino`: pretrained.load_dino(path, pos_rule="hub"), the
     hub model's position-embedding rule."""
     if dino.pos_rule != "hub":
-        raise ValueError("FD_DINOv2 needs the hub model's position embeddings: pretrained.load_dino(path, pos_rule='hub')")
+        raise ValueError("FD_DINOv2 needs the hub model's position embeddings: "
+                         "pretrained.load_dino(path, pos_rule='hub')")
     x = to_device(batch, next(dino.parameters()).device)
     mean = torch.tensor(pretrained.IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(pretrained.IMAGENET_STD, device=x.device).view(1, 3, 1, 1)

@@ -263,8 +263,8 @@ def measure_sharing_cost(model, num_steps, latent_shape, num_classes=None, batch
     y = torch.tensor([i * K // batch_size for i in range(batch_size)], device=device)  # labels spread over classes
     noise, generators = image_noise(seed, range(batch_size), latent_shape)  # the generators: for the SDE steps
     zs = []  # num_steps x (2B, tokens, D)
-    sample_loop(model, noise.to(device), y, num_steps, generators=generators, encoder_steps=None, record_z=zs, both_halves=True,
-                **sampler_kwargs)
+    sample_loop(model, noise.to(device), y, num_steps, generators=generators, encoder_steps=None, record_z=zs,
+                both_halves=True, **sampler_kwargs)
     gram = torch.zeros(num_steps, num_steps, dtype=torch.float64)
     for b in range(2 * batch_size):  # one image at a time keeps the float64 copy small
         zb = F.normalize(torch.stack([z[b] for z in zs]).double(), dim=-1).flatten(1)  # (num_steps, tokens * D)
@@ -539,7 +539,8 @@ def run(args, rank, world, device, received):
     chunks = [(s, min(s + args.batch_size, n)) for s in range(0, n, args.batch_size)]
     # the rest were done by an earlier run; rank 0 lists them for all ranks (one list, so every batch has one
     # owner and every rank makes the same number of rounds below), before any rank writes new parts
-    todo = plumbing.from_rank0([c for c in chunks if not (parts and os.path.exists(part_path(*c)))] if rank == 0 else None)
+    todo = [c for c in chunks if not (parts and os.path.exists(part_path(*c)))] if rank == 0 else None
+    todo = plumbing.from_rank0(todo)
     kept, stats, done, t0 = {}, {"encoder_evals": 0, "decoder_evals": 0}, 0, time.time()
     mine = todo[rank::world]
     for r in tqdm(range(math.ceil(len(todo) / world)), disable=rank != 0, desc=f"sampling on {world} rank(s)"):
@@ -582,7 +583,8 @@ def run(args, rank, world, device, received):
           f"images/s)")
     if steps is not None:  # what sharing saved, counted in network passes over one image
         print(f"encoder sharing: the encoder ran at {len(steps)} of the {args.num_steps} steps, {int(enc)} passes over "
-              f"one image against the decoder's {int(dec)} (a guided step makes two passes: with and without the class)")
+              f"one image against the decoder's {int(dec)} (a guided step makes two passes: with and without the "
+              f"class)")
     images = join_parts(args.npz, [part_path(*c) for c in chunks], n, labels) if parts else \
         np.stack([kept[i] for i in range(n)])
     if args.out:

@@ -280,9 +280,9 @@ def quality_frontier(paths, models, shape, device, precision, step_counts, num_s
         with plumbing.atomic_write(out_path, "w") as f:
             json.dump(res, f, indent=1)
 
-    for path, model in zip(paths, models):
-        E, D = model.cfg.encoder_depth, model.cfg.decoder_depth
-        for N in step_counts:
+    for N in step_counts:  # N outside: a run cut short has every model at the first N
+        for path, model in zip(paths, models):
+            E, D = model.cfg.encoder_depth, model.cfg.decoder_depth
             for solver, order in QUALITY_SOLVERS.items():
                 cost = None
                 for name, k in quality_settings(N):
@@ -328,7 +328,8 @@ def quality_table(res, paths, step_counts, floor):
                 secs = res["times"].get(f"{solver}|{N}|{name}|{k}")
                 ms = "-" if secs is None else f"{secs / res['time_batch'] * 1e3:.1f} ms"
                 lines.append(f"| {solver} | {N} | {name} | {k} | {k / N:.2f} | "
-                             f"{sum(e['blocks'] for e in per) / len(per):.0f} | {spread([e['fd'] for e in per], '.2f')} | "
+                             f"{sum(e['blocks'] for e in per) / len(per):.0f} | "
+                             f"{spread([e['fd'] for e in per], '.2f')} | "
                              f"{spread([e['agreement'] for e in per], '.1f')} | "
                              f"{ms} |")
     lines.append(f"| real images (floor) | | | | | | {floor['fd']:.2f} | {floor['agreement']:.1f} | |")

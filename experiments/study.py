@@ -47,11 +47,11 @@ def check_width(cfg):
     configuration's loss, which the DDT's two patch embeddings can soften and the improved DiT's one cannot."""
     numbers = cfg.in_channels * cfg.patch_size ** 2
     if cfg.hidden_size < numbers:
-        raise SystemExit(f"--hidden-size {cfg.hidden_size} is below the {numbers} numbers of a patch (C {cfg.in_channels}"
-                         f" x patch {cfg.patch_size}^2): the final layer maps the width to a patch, so every predicted "
-                         f"patch would lie in a {cfg.hidden_size}-dimensional subspace, a floor under the val loss of "
-                         f"every configuration that can favour one over another. Use a width of at least {numbers} "
-                         f"(twice that to be clear of it), or a smaller --patch-size.")
+        raise SystemExit(f"--hidden-size {cfg.hidden_size} is below the {numbers} numbers of a patch (C "
+                         f"{cfg.in_channels} x patch {cfg.patch_size}^2): the final layer maps the width to a patch, "
+                         f"so every predicted patch would lie in a {cfg.hidden_size}-dimensional subspace, a floor "
+                         f"under the val loss of every configuration that can favour one over another. Use a width "
+                         f"of at least {numbers} (twice that to be clear of it), or a smaller --patch-size.")
 
 
 def read_curve(run_dir):
@@ -275,7 +275,8 @@ def figure(results, base, path, title):
                              [max(r["fd"]) - r["fd_mean"]]], fmt="o", color=line.get_color(), capsize=4)
     lo = min(min(r["mean_curve"][len(r["steps"]) // 4:]) for r in results)
     hi = max(max(r["mean_curve"][len(r["steps"]) // 4:]) for r in results)
-    axes[0].set(xlabel="training step", ylabel="val loss (EMA model)", ylim=(lo - 0.15 * (hi - lo), hi + 0.6 * (hi - lo)))
+    axes[0].set(xlabel="training step", ylabel="val loss (EMA model)",
+                ylim=(lo - 0.15 * (hi - lo), hi + 0.6 * (hi - lo)))
     axes[0].legend(title="mean of seeds, band = min..max", fontsize=8)
     axes[1].axhline(1, color="grey", lw=0.8)
     axes[1].set(xlabel="run length T (steps)", ylabel=f"speed-up over {base['name']} at T",
