@@ -273,10 +273,10 @@ def figure(results, base, path, title):
         if q:
             axes[2].errorbar([r["name"]], [r["fd_mean"]], yerr=[[r["fd_mean"] - min(r["fd"])],
                              [max(r["fd"]) - r["fd_mean"]]], fmt="o", color=line.get_color(), capsize=4)
-    lo = min(min(r["mean_curve"][len(r["steps"]) // 4:]) for r in results)
-    hi = max(max(r["mean_curve"][len(r["steps"]) // 4:]) for r in results)
+    lo = min(min(r["mean_curve"][len(r["steps"]) // 3:]) for r in results)  # the later part, where they separate
+    hi = max(max(r["mean_curve"][len(r["steps"]) // 3:]) for r in results)
     axes[0].set(xlabel="training step", ylabel="val loss (EMA model)",
-                ylim=(lo - 0.15 * (hi - lo), hi + 0.6 * (hi - lo)))
+                ylim=(lo - 0.1 * (hi - lo), hi + 0.5 * (hi - lo)))
     axes[0].legend(title="mean of seeds, band = min..max", fontsize=8)
     axes[1].axhline(1, color="grey", lw=0.8)
     axes[1].set(xlabel="run length T (steps)", ylabel=f"speed-up over {base['name']} at T",
