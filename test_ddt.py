@@ -2959,7 +2959,13 @@ def test_quality_frontier_end_to_end(tmp_path, monkeypatch):
     res2 = json.load(open(out / "quality.json"))
     assert res2["entries"] == res["entries"] and len(res2["times"]) == 2 * len(settings)
     assert os.path.getmtime(out / "quality.json") > mtime
-    assert all(r[-1].endswith(" ms") for r in table_rows(open(out / "quality.md").read())[:-1])
+    rows = table_rows(open(out / "quality.md").read())
+    assert all(r[-1].endswith(" ms") for r in rows[:-1])
+    dp = [r for r in rows if r[2] == "dp"]  # on how many models the DP's schedule is the uniform one
+    for r in dp:
+        same = sum(res["entries"][f"{p}|{r[0]}|4|dp|{r[3]}"]["steps"] == sample.uniform_schedule(4, int(r[3]))
+                   for p in (a, b))
+        assert r[8] == f"{same} of 2"
 
 
 # =============================================================================================

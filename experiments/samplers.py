@@ -318,21 +318,25 @@ def quality_frontier(paths, models, shape, device, precision, step_counts, num_s
 
 
 def quality_table(res, paths, step_counts, floor):
-    """The quality frontier as markdown: one row per (solver, N, schedule, K), mean ± sd over the models."""
+    """The quality frontier as markdown: one row per (solver, N, schedule, K), mean ± sd over the models; for the
+    DP, on how many models its schedule is the uniform one (then the two rows are the same samples)."""
     lines = ["| solver | N | schedule | K | K / N | blocks per image | Fréchet distance | class agreement (%) | "
-             "time per image |", "|---|---|---|---|---|---|---|---|---|"]
+             "DP = uniform | time per image |", "|---|---|---|---|---|---|---|---|---|---|"]
     for solver in QUALITY_SOLVERS:
         for N in step_counts:
             for name, k in quality_settings(N):
                 per = [res["entries"][f"{p}|{solver}|{N}|{name}|{k}"] for p in paths]
+                same = ""
+                if name == "dp":
+                    uni = sample.uniform_schedule(N, k)
+                    same = f"{sum(e['steps'] == uni for e in per)} of {len(per)}"
                 secs = res["times"].get(f"{solver}|{N}|{name}|{k}")
                 ms = "-" if secs is None else f"{secs / res['time_batch'] * 1e3:.1f} ms"
                 lines.append(f"| {solver} | {N} | {name} | {k} | {k / N:.2f} | "
                              f"{sum(e['blocks'] for e in per) / len(per):.0f} | "
                              f"{spread([e['fd'] for e in per], '.2f')} | "
-                             f"{spread([e['agreement'] for e in per], '.1f')} | "
-                             f"{ms} |")
-    lines.append(f"| real images (floor) | | | | | | {floor['fd']:.2f} | {floor['agreement']:.1f} | |")
+                             f"{spread([e['agreement'] for e in per], '.1f')} | {same} | {ms} |")
+    lines.append(f"| real images (floor) | | | | | | {floor['fd']:.2f} | {floor['agreement']:.1f} | | |")
     return "\n".join(lines) + "\n"
 
 
