@@ -2955,6 +2955,8 @@ def test_quality_frontier_end_to_end(tmp_path, monkeypatch):
     rows = table_rows(open(out / "quality.md").read())
     assert len(rows) == 2 * len(settings) + 1 and rows[-1][0] == "real images (floor)"
     mtime = os.path.getmtime(out / "quality.json")
+    with pytest.raises(SystemExit, match="holds samples drawn with"):
+        samplers.main([*argv, "--cfg-scale", "2.0"])
     samplers.main([*argv[:-1], "1"])  # resumed: every entry is there, only the times are measured
     res2 = json.load(open(out / "quality.json"))
     assert res2["entries"] == res["entries"] and len(res2["times"]) == 2 * len(settings)

@@ -275,6 +275,9 @@ def quality_frontier(paths, models, shape, device, precision, step_counts, num_s
             res = json.load(f)
     if res["times"] and res["time_batch"] != time_batch:
         raise SystemExit(f"{out_path} has times of batches of {res['time_batch']} images, not {time_batch}")
+    settings = {"num_samples": num_samples, "cfg_scale": cfg_scale, "precision": precision}
+    if res.setdefault("settings", settings) != settings:
+        raise SystemExit(f"{out_path} holds samples drawn with {res['settings']}, not {settings}: use another OUT")
 
     def save():
         with plumbing.atomic_write(out_path, "w") as f:
