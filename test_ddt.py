@@ -2942,8 +2942,16 @@ def test_quality_frontier_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "q"
     argv = ["--quality", str(out), "--ckpt", a, b, "--train-data", data, "--val-data", val, "--num-steps", "4",
             "--num-samples", "8", "--repeats", "0"]
+    draws, real_draw = [], quality.draw
+    monkeypatch.setattr(quality, "draw", lambda *a, **k: draws.append(a) or real_draw(*a, **k))
     samplers.main(argv)
     res = json.load(open(out / "quality.json"))
+    for p, solver in itertools.product((a, b), samplers.QUALITY_SOLVERS):  # a schedule is sampled once
+        steps = [res["entries"][f"{p}|{solver}|4|{n}|{k}"]["steps"] for n, k in samplers.quality_settings(4)]
+        assert steps[3] == steps[4] == [0] and res["entries"][f"{p}|{solver}|4|dp|1"] == \
+            res["entries"][f"{p}|{solver}|4|uniform|1"]
+    schedules = {(k.rsplit("|", 3)[0], json.dumps(e["steps"])) for k, e in res["entries"].items()}
+    assert len(draws) == len(schedules) < len(res["entries"])
     settings = [("unshared", 4), ("dp", 2), ("uniform", 2), ("dp", 1), ("uniform", 1)]  # K = 2, 1.4 -> 1, 0.8 -> 1
     assert samplers.quality_settings(4) == settings
     assert len(res["entries"]) == 2 * 2 * len(settings) and res["times"] == {}

@@ -302,7 +302,11 @@ def quality_frontier(paths, models, shape, device, precision, step_counts, num_s
                         steps = sample.solve_sharing(cost, k)
                     elif name == "uniform":
                         steps = sample.uniform_schedule(N, k)
-                    if key not in res["entries"]:
+                    twin = next((e for kk, e in res["entries"].items()  # the same schedule: the same samples
+                                 if kk.startswith(f"{path}|{solver}|{N}|") and e["steps"] == steps), None)
+                    if key not in res["entries"] and twin is not None:
+                        res["entries"][key] = dict(twin)
+                    elif key not in res["entries"]:
                         stats = {}
                         with autocast:
                             x, y = quality.draw(model, shape, num_samples, N, order, cfg_scale, steps, stats=stats)
