@@ -2814,6 +2814,9 @@ def test_study_speedup_curve_and_tail_on_a_hand_made_curve():
     assert "| 4En2De |" in rows[3] and "| 250 | 1.60x |" in rows[3] and "| not reached | - |" in rows[4]
     matched = [r for r in rows if r.startswith("| 4En2De | 0.")]
     assert matched == ["| 4En2De | 0.9000 (1.00x) | 0.7000 (1.33x) | 0.5000 (1.50x) | 0.4000 (1.60x) |"]
+    never = [r for r in rows if r.startswith("| 2En4De | 1.1")]  # never reaches the iDiT's 0.7 or 0.6: (-)
+    assert never == ["| 2En4De | 1.1000 (0.60x) | 0.9500 (0.55x) | 0.9000 (-) | 0.7500 (-) |"]
+    assert math.isnan(results[2]["speedup_curve"][-1][2]) and math.isnan(results[2]["speedup"])
 
 
 def test_welch_p_values_match_known_ones():

@@ -83,11 +83,12 @@ def steps_to_reach(steps, values, target):
 
 def speedup_curve(steps, base, values):
     """[(T, S, T / S)] for each evaluation step T: S is the step at which `values` reaches `base`'s value at T (both
-    curves on `steps`); the paper's "converges k times faster", read at every run length instead of one."""
+    curves on `steps`); the paper's "converges k times faster", read at every run length instead of one. Where the
+    curve never reaches that loss, S is inf and the ratio nan (not 0: no speed-up can be read there)."""
     out = []
     for T, target in zip(steps, base):
         S = steps_to_reach(steps, values, target)
-        out.append((T, S, T / S if S else math.inf))
+        out.append((T, S, math.nan if math.isinf(S) else T / S if S else math.inf))
     return out
 
 
