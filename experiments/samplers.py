@@ -302,9 +302,10 @@ def quality_frontier(paths, models, shape, device, precision, step_counts, num_s
                         steps = sample.solve_sharing(cost, k)
                     elif name == "uniform":
                         steps = sample.uniform_schedule(N, k)
-                    twin = next((e for kk, e in res["entries"].items()  # the same schedule: the same samples
-                                 if kk.startswith(f"{path}|{solver}|{N}|") and e["steps"] == steps), None)
-                    if key not in res["entries"] and twin is not None:
+                    twin = key not in res["entries"] and next(  # the same schedule already drawn: the same samples
+                        (e for kk, e in res["entries"].items() if kk.startswith(f"{path}|{solver}|{N}|")
+                         and e["steps"] == steps), None)
+                    if twin:
                         res["entries"][key] = dict(twin)
                     elif key not in res["entries"]:
                         stats = {}
