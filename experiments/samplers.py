@@ -388,9 +388,10 @@ def quality_figure(res, paths, step_counts, floor, path, title):
             if metric == "fd":
                 ax.set_yscale("log")
             ax.grid(alpha=0.3, which="both")
-            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))  # plain 20, 50, 100, ...
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            for axis in [ax.xaxis] + ([ax.yaxis] if metric == "fd" else []):  # plain 20, 50, 100, ...
+                axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+                axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             if row == 1:
                 ax.set_xlabel("block evaluations per image (N = " + ", ".join(map(str, step_counts)) + ")")
     axes[0, 0].legend(fontsize=7)
