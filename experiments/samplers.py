@@ -294,7 +294,9 @@ def quality_frontier(paths, models, shape, device, precision, step_counts, num_s
                     if key in res["entries"] and not timing:
                         continue
                     steps = None
-                    if name == "dp":
+                    if key in res["entries"]:  # only timed: its schedule is stored
+                        steps = res["entries"][key]["steps"]
+                    elif name == "dp":
                         if cost is None:
                             with autocast:
                                 cost = sample.measure_sharing_cost(model, N, shape, device=device, order=order,
