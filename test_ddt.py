@@ -606,19 +606,21 @@ def test_other_settings_refused_then_overwritten(tmp_path, monkeypatch, capsys):
     assert meta["resolution"] == 24 and a["latents"].shape == (8, 2, 3, 24, 24)
 
 
-def test_two_process_gloo_matches_one_process(tmp_path):
-    make_folder(tmp_path / "data")
-    vae = VAE_TINY if hasattr(ddt, "load_vae") else "none"
-    args = ["prepare_latents.py", "--data-path", str(tmp_path / "data"), "--vae", vae, "--resolution", "16",
-            "--images", "--chunk-size", "2", "--batch-size", "2", "--num-workers", "1"]
+def test_eight_gloo_ranks_write_the_bytes_one_process_writes(tmp_path):
+    make_folder(tmp_path / "data", corrupt=True)  # 9 files in 5 chunks: 3 of the 8 ranks get none
+    args = ["prepare_latents.py", "--data-path", str(tmp_path / "data"), "--vae", VAE_TINY, "--resolution", "16",
+            "--images", "--flip", "--chunk-size", "2", "--batch-size", "2", "--num-workers", "1"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for cmd, out in (([sys.executable], "one"), ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                  "--nproc_per_node=2"], "two")):
+                                                  "--nproc_per_node=8"], "eight")):
         r = subprocess.run(cmd + args + ["--out", str(tmp_path / out)], cwd=HERE, env=env, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-    assert_same(tmp_path / "one", tmp_path / "two")
+    assert_same(tmp_path / "one", tmp_path / "eight")
+    assert load_dataset(tmp_path / "one")[1]["vae"] == VAE_TINY  # latents, not pixels
+    for name in (f for f in os.listdir(tmp_path / "one") if os.path.isfile(tmp_path / "one" / f)):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "eight" / name).read_bytes(), name
 
 
 # =============================================================================================
@@ -1241,7 +1243,8 @@ TRAIN_TINY = ["--model", "DDT-S/2", "--hidden-size", "32", "--num-heads", "2", "
               "--sample-every", "0", "--num-workers", "0", "--lr", "2e-3"]
 
 
-def make_dataset(path, n=32, latent_shape=(3, 8, 8), num_classes=4, resolution=None, images=False, seed=0):
+def make_dataset(path, n=32, latent_shape=(3, 8, 8), num_classes=4, resolution=None, images=False, seed=0,
+                 flip=False):
     """A small dataset directory in prepare_latents.py's format, written by hand."""
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -1253,9 +1256,11 @@ def make_dataset(path, n=32, latent_shape=(3, 8, 8), num_classes=4, resolution=N
     np.save(os.path.join(path, "valid.npy"), np.ones(n, bool))
     if images:
         np.save(os.path.join(path, "images.npy"), rng.integers(0, 256, (n, resolution, resolution, 3), dtype=np.uint8))
+    if flip:
+        np.save(os.path.join(path, "latents_flip.npy"), lat[..., ::-1].astype(np.float16))
     meta = {"format_version": 1, "count": n, "latent_shape": list(latent_shape), "resolution": resolution or
             latent_shape[1], "vae": "none", "scaling_factor": 1.0, "class_names": [f"c{i}" for i in range(num_classes)],
-            "num_classes": num_classes, "flip": False, "has_images": images}
+            "num_classes": num_classes, "flip": flip, "has_images": images}
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump(meta, f)
     return str(path)
@@ -1378,20 +1383,60 @@ def test_train_bad_input_says_what_to_do(tmp_path):
         train.main(["--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY])
 
 
-def test_train_ddp_two_ranks_stay_identical(tmp_path):
-    data = make_dataset(tmp_path / "data", n=64)
-    run = str(tmp_path / "run")
-    driver = tmp_path / "driver.py"
-    driver.write_text(f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nimport train\n"
-                      f"model = train.main(sys.argv[1:])\n"
-                      f"torch.save(model.state_dict(), os.path.join({run!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
-    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(driver),
-               "--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "4", "--log-every", "2",
-               env={"CUDA_VISIBLE_DEVICES": ""})  # two CPU ranks, also on a one-GPU machine
-    r0, r1 = (torch.load(os.path.join(run, f"rank{r}.pt"), weights_only=True) for r in (0, 1))
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["step"] == 4
-    assert len(read_log(run)) == 2
+def max_rel_diff(a, b):
+    """The largest |a - b| / max|a| over the tensors of two state dicts (or optimizer states) with the same keys."""
+    if isinstance(a, dict):
+        return max(max_rel_diff(a[k], b[k]) for k in a)
+    return ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-12)).item()
+
+
+def test_eight_ranks_equal_one_rank_and_grad_accumulation(tmp_path, monkeypatch):
+    """The README's `torchrun --nproc_per_node=8 train.py` on 8 gloo ranks (global batch 64: 8 images a rank, with
+    REPA, flips, EMA, val loss) runs, checkpoints, resumes, and gives what 1 rank gives, and 2 ranks x --grad-accum
+    4 resuming the 8 ranks' checkpoint: a step does not depend on how its batch is split. Then sample.py on 8
+    ranks writes the bytes 1 rank writes."""
+    # 128 px images -> DINOv2 at 112 px -> 8 x 8 tokens; 16 x 16 latents at patch 2 -> 8 x 8 tokens
+    data = make_dataset(tmp_path / "data", n=160, latent_shape=(4, 16, 16), resolution=128, images=True, flip=True)
+    val = make_dataset(tmp_path / "val", n=200, latent_shape=(4, 16, 16), resolution=128, seed=1)  # 4 chunks of 64
+    flags = ["--data", data, *TRAIN_TINY, "--patch-size", "2", "--global-batch-size", "64", "--dino", DINO_WEIGHTS,
+             "--repa-layer", "2", "--val-data", val, "--val-every", "3", "--keep-every", "3"]
+    one, eight, two = (str(tmp_path / r) for r in ("one", "eight", "two"))  # 2 steps an epoch: 6 steps, 3 epochs
+    train.main([*flags, "--out-dir", one, "--max-steps", "6"])
+    driver = tmp_path / "driver.py"  # train.py, then each rank's weights
+    driver.write_text(f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nimport train\nmodel = train.main(sys.argv[1:])\n"
+                      f"torch.save(model.state_dict(), sys.argv[sys.argv.index('--out-dir') + 1] + "
+                      f"'/rank' + os.environ['RANK'] + '.pt')\n")
+    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # CPU ranks, also on a GPU machine
+    for world, out, steps, extra in ((8, eight, 3, []), (8, eight, 6, []), (2, two, 6, ["--grad-accum", "4"])):
+        if out == two:  # 2 ranks resume the 8 ranks' step-3 checkpoint
+            os.makedirs(two)
+            shutil.copy(os.path.join(eight, "ckpt_0000003.pt"), os.path.join(two, "ckpt.pt"))
+        run_script("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(driver), *flags,
+                   "--out-dir", out, "--max-steps", str(steps), *extra, env=env)
+    ranks = [torch.load(os.path.join(eight, f"rank{r}.pt"), weights_only=True) for r in range(8)]
+    assert all(torch.equal(ranks[0][k], r[k]) for r in ranks for k in r)  # the ranks stay identical
+    c1, c8, c2 = (torch.load(os.path.join(r, "ckpt.pt"), weights_only=True) for r in (one, eight, two))
+    assert c1["step"] == c8["step"] == c2["step"] == 6
+    for c in (c8, c2):
+        for key in ("model", "ema", "projector"):
+            assert max_rel_diff(c1[key], c[key]) < 1e-5, key
+        assert max_rel_diff(c1["optimizer"]["state"], c["optimizer"]["state"]) < 1e-4
+    assert max_rel_diff(c1["model"], ddt.load_checkpoint(os.path.join(one, "ckpt_0000003.pt"))["model"]) > 1e-3
+    l1, l8, l2 = (read_log(r) for r in (one, eight, two))
+    assert [r["step"] for r in l8] == [r["step"] for r in l1] and [r["step"] for r in l2] == [4, 5, 6, 6]
+    by_step = lambda log: {(r["step"], "val_loss" in r): r for r in log}
+    for log in (l8, l2):
+        for key, r in by_step(log).items():
+            for field in ("loss", "fm", "repa", "grad_norm", "val_loss", "val_loss_ema"):
+                if field in r:
+                    assert r[field] == pytest.approx(by_step(l1)[key][field], rel=1e-5), (key, field)
+    # sample.py: 8 ranks write the bytes 1 rank writes (the same --batch-size, so the same batches)
+    args = ["--ckpt", os.path.join(eight, "ckpt.pt"), "--num-samples", 20, "--num-steps", 4, "--cfg-scale", 2.0,
+            "--batch-size", 2, "--sde", "sde"]  # the SDE: per-image noise drawn on the ranks
+    cli(monkeypatch, *args, "--npz", tmp_path / "s1.npz")
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", "sample.py", *map(str, args),
+               "--npz", str(tmp_path / "s8.npz"), env=env)
+    assert (tmp_path / "s1.npz").read_bytes() == (tmp_path / "s8.npz").read_bytes()
 
 
 # =============================================================================================

@@ -16,7 +16,9 @@ the raw and the EMA weights goes to the log every --val-every steps (default: at
 
 Rerunning the same command continues from OUT/ckpt.pt, bit-exactly on CPU (on GPUs up to the kernels that are
 not deterministic): every random draw of step s (data order, t, noise, class dropout, flips) is seeded by
-(seed, step, rank), so the step number is the whole data/RNG state.
+(seed, step), so the step number is the whole data/RNG state. The draws are made for the whole global batch and
+each rank keeps its slice, so a step gives the same result, to float32 rounding, on any number of ranks and
+--grad-accum (8 ranks = 1 = 2 x --grad-accum 4): a run may resume on another number of GPUs.
 
 SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) stops the run after the step in progress (all ranks at the same step), writes
 OUT/ckpt.pt and exits with status plumbing.EXIT_STOPPED (75); a second signal during that write changes nothing. One run
@@ -61,13 +63,22 @@ def read_meta(data_dir, flag="--data"):
         return json.load(f)
 
 
+def read_rows(array, rows):
+    """array[rows] for distinct `rows`, read from the memmap in sorted order (faster on disk), kept in `rows`' order."""
+    idx, back = np.unique(rows, return_inverse=True)
+    return array[idx][back]
+
+
 class LatentBatches:
     """Batch s of a rank: a fixed permutation of the valid rows per epoch (seeded by the epoch), cut into
-    global batches; the rank takes its interleaved share. Everything is a function of the step."""
+    global batches; rank r takes the r-th contiguous slice of its step's global batch (`part`). Everything is a
+    function of the step, and every draw is made for the whole global batch, so what an image sees (its flip
+    here, its noise and time in flow_matching_inputs) does not depend on the number of ranks."""
 
     def __init__(self, data_dir, global_batch, rank, world, seed, need_images):
         self.meta = read_meta(data_dir)
-        self.dir, self.batch, self.rank, self.world, self.seed = data_dir, global_batch, rank, world, seed
+        self.dir, self.batch, self.seed = data_dir, global_batch, seed
+        self.part = slice(rank * global_batch // world, (rank + 1) * global_batch // world)  # this rank's share
         self.valid = np.flatnonzero(np.load(os.path.join(data_dir, "valid.npy")))
         self.steps_per_epoch = len(self.valid) // global_batch
         if self.steps_per_epoch == 0:
@@ -94,17 +105,16 @@ class LatentBatches:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self.epoch:
             self.epoch, self.order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.valid)
-        rows = self.order[i * self.batch:(i + 1) * self.batch][self.rank::self.world]
-        idx = np.sort(rows)  # sorted reads from the memmap
-        lat = self.latents[idx].astype(np.float32)  # (b, 2, C, h, w)
-        out = {"y": torch.from_numpy(self.labels[idx])}
-        flip = np.zeros(len(idx), bool)
-        if self.flipped is not None:  # a random choice of the flipped copy
-            flip = np.random.default_rng([self.seed, step, self.rank, 1]).random(len(idx)) < 0.5
-            lat[flip] = self.flipped[idx[flip]].astype(np.float32)
+        rows = self.order[i * self.batch:(i + 1) * self.batch][self.part]  # in the global batch's order
+        lat = read_rows(self.latents, rows).astype(np.float32)  # (b, 2, C, h, w)
+        out = {"y": torch.from_numpy(self.labels[rows])}
+        flip = np.zeros(len(rows), bool)
+        if self.flipped is not None:  # a random choice of the flipped copy, drawn for the whole global batch
+            flip = (np.random.default_rng([self.seed, step, 1]).random(self.batch) < 0.5)[self.part]
+            lat[flip] = read_rows(self.flipped, rows[flip]).astype(np.float32)
         out["mean"], out["std"] = torch.from_numpy(lat[:, 0]), torch.from_numpy(lat[:, 1])
         if self.images is not None:
-            img = self.images[idx]
+            img = read_rows(self.images, rows)
             img = np.where(flip[:, None, None, None], img[:, :, ::-1], img)
             out["images"] = torch.from_numpy(np.ascontiguousarray(img)).permute(0, 3, 1, 2)  # (b, 3, H, W) uint8
         return out
@@ -469,14 +479,17 @@ def truncate_log(log_path, step):
         f.writelines(kept)
 
 
-def flow_matching_inputs(batch, gen, scale, class_dropout, num_classes, device):
-    """A step's linear flow-matching problem, every draw from `gen`: x_t = t x + (1 - t) noise for a posterior
-    sample x, t = sigmoid(randn), labels dropped to the null class with p = class_dropout; (x_t, t, y, x - noise)."""
+def flow_matching_inputs(batch, gen, part, global_batch, scale, class_dropout, num_classes, device):
+    """A step's linear flow-matching problem: x_t = t x + (1 - t) noise for a posterior sample x, t = sigmoid(randn),
+    labels dropped to the null class with p = class_dropout; (x_t, t, y, x - noise). Every draw comes from `gen`
+    (seeded by the step) for the whole global batch, of which this rank keeps its slice `part`: image j of the
+    global batch gets the same draws however the batch is split over ranks and micro-steps."""
     mean, std, y = (batch[k].to(device, non_blocking=True) for k in ("mean", "std", "y"))
-    x = (mean + std * torch.randn(mean.shape, generator=gen, device=device)) * scale  # posterior sample
-    noise = torch.randn(x.shape, generator=gen, device=device)
-    t = torch.sigmoid(torch.randn(len(x), generator=gen, device=device))  # lognorm t
-    drop = torch.rand(len(x), generator=gen, device=device) < class_dropout
+    shape = (global_batch, *mean.shape[1:])
+    x = (mean + std * torch.randn(shape, generator=gen, device=device)[part]) * scale  # posterior sample
+    noise = torch.randn(shape, generator=gen, device=device)[part]
+    t = torch.sigmoid(torch.randn(global_batch, generator=gen, device=device)[part])  # lognorm t
+    drop = torch.rand(global_batch, generator=gen, device=device)[part] < class_dropout
     y = torch.where(drop, num_classes, y)  # null class for classifier-free guidance
     x_t = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * noise
     return x_t, t, y, x - noise
@@ -614,9 +627,11 @@ def train(args, val, rank, local_rank, world, device, received):
     t0, t_step0, t_wall = time.time(), step, time.time()  # t0 counts training only, t_wall everything
 
     for batch in loader:
-        # one optimizer step of args.grad_accum micro-steps; all draws seeded by (seed, step, rank)
-        gen = torch.Generator(device).manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
-        x_t, t, y, target = flow_matching_inputs(batch, gen, scale, args.class_dropout, cfg.num_classes, device)
+        # one optimizer step of args.grad_accum micro-steps; all draws seeded by (seed, step), made for the whole
+        # global batch: the step's result does not depend on how the batch is split
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+        x_t, t, y, target = flow_matching_inputs(batch, gen, batches.part, args.global_batch_size, scale,
+                                                 args.class_dropout, cfg.num_classes, device)
         feats = None
         if teacher is not None:
             with torch.no_grad(), autocast:
