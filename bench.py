@@ -4,6 +4,7 @@ Time a DDT training step and sampling, and compare with the released implementat
     python bench.py                                        # CPU: DDT-S/2 (D 384, 8+4 blocks), batch 8
     python bench.py --model DDT-XL/2 --batch-size 32 --image-size 32 --precision bf16 --compile   # one GPU
     python bench.py --model DDT-XL/2 --batch-size 64 --sample --num-steps 250 --encoder-steps 50 --precision bf16
+    python bench.py --model DDT-XL/2 --batch-size 2 --precision bf16 --repa --memory   # CPU: 16 GiB of memory
 
 A training step is forward, backward, AdamW and the EMA update, on random data of the right shape. With
 --compare (default on CPU) the same model is also timed with the released code's implementations of the
@@ -11,6 +12,10 @@ pieces nanoDDT rewrote (complex-number RoPE with float32 upcasts, RMSNorm as pow
 patchify, float32 q/k norms), in the same process, interleaved, so the ratio is fair. Reports images/s,
 model FLOPs per image, achieved TFLOP/s, MFU against the GPU's bf16 peak, peak memory, and each step time
 against a floor: all of the step's FLOPs at the rate this device measures on the model's MLP product.
+--repa adds REPA's teacher (DINOv2-B/14's shapes, random weights) to the step; its FLOPs are not in the MFU.
+--memory makes one step and counts its memory instead of timing: the bytes of the weights, gradients, AdamW
+moments, EMA and teacher, what autograd saves for the backward pass, and the step's peak (experiments/memory.py
+turns these into the table of what fits a GPU).
 With --sample: images/s of Euler sampling, unshared and with the encoder at K evenly spread steps. (The
 research measurements on trained models, the samplers' frontier and the sharing tables, are in experiments/.)
 """
@@ -19,7 +24,7 @@ import argparse
 import copy
 import time
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 
 import ddt
 import plumbing
+import pretrained
 import sample
 import train
 
@@ -99,30 +105,132 @@ def matmul_rate(device, dtype, tokens, dim, hidden, repeats=10):
     return 2 * tokens * dim * hidden * repeats / best
 
 
-def time_train(model, batch, shape, device, precision, compile, steps, warmup):
-    """Seconds per training step (median of `steps`), forward + backward + AdamW + EMA."""
-    ema = copy.deepcopy(model).float().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
-                            fused=device.type == "cuda")
-    step_model = torch.compile(model) if compile else model
-    autocast = train.precision_context(device, precision)
-    gen = torch.Generator(device).manual_seed(0)
-    x = torch.randn(batch, *shape, device=device, generator=gen)
-    noise = torch.randn(batch, *shape, device=device, generator=gen)
-    y = torch.randint(0, model.cfg.num_classes + 1, (batch,), device=device, generator=gen)
+def random_teacher(device):
+    """REPA's teacher with DINOv2-B/14's shapes (width 768, 12 blocks) and random weights: its cost, not its use."""
+    torch.manual_seed(1)
+    return pretrained.DINOv2(768, 12).to(device).eval().requires_grad_(False)
+
+
+class TrainStep:
+    """train.py's optimizer step at one rank on random data of the right shape: flow_matching_inputs, the teacher's
+    features (REPA: with a teacher, on 8x-upscaled images as an SD-VAE dataset has them), accumulate_gradients,
+    AdamW, the EMA update. Calling it makes one step and returns the loss."""
+
+    def __init__(self, model, batch, shape, device, precision, compile=False, teacher=None):
+        cfg = model.cfg
+        self.student = train.Student(model, teacher.embed_dim if teacher else 0, min(8, cfg.encoder_depth)).to(device)
+        self.ema = copy.deepcopy(model).float().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.student.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
+                                     fused=device.type == "cuda")
+        self.model = torch.compile(self.student) if compile else self.student
+        self.teacher, self.device, self.num_classes = teacher, device, cfg.num_classes
+        self.autocast = train.precision_context(device, precision)
+        self.settings = types.SimpleNamespace(grad_accum=1, repa_weight=0.5)
+        self.gen = torch.Generator(device).manual_seed(0)
+        self.batch = {"mean": torch.randn(batch, *shape, device=device, generator=self.gen),
+                      "std": torch.full((batch, *shape), 0.05, device=device),
+                      "y": torch.randint(0, cfg.num_classes, (batch,), device=device, generator=self.gen)}
+        if teacher is not None:
+            self.images = torch.randint(0, 256, (batch, 3, 8 * shape[1], 8 * shape[2]), dtype=torch.uint8,
+                                        device=device, generator=self.gen)
+
+    def __call__(self):
+        n = len(self.batch["y"])
+        x_t, t, y, target = train.flow_matching_inputs(self.batch, self.gen, slice(None), n, 1.0, 0.1,
+                                                       self.num_classes, self.device)
+        feats = None
+        if self.teacher is not None:
+            with torch.no_grad(), self.autocast:
+                feats = self.teacher(self.images.float() / 255)  # (B, N, 768)
+        sums = torch.zeros(3, device=self.device)
+        loss = train.accumulate_gradients(self.model, x_t, t, y, target, feats, self.settings, sums, 1, self.autocast)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        train.update_ema(self.ema, self.student.model, 0.9999)
+        return loss.detach()
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def reset_peak(device):
+    """Start the device's peak-memory count afresh: the CUDA allocator's, or Linux's VmHWM of this process."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+        except OSError:
+            pass
+
+
+def peak_memory(device):
+    """Bytes at the peak since reset_peak: CUDA's allocated, or this process's resident (VmHWM); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def describe_peak(nbytes, device):
+    return f"{nbytes / 2 ** 30:.2f} GiB ({'allocated by CUDA' if device.type == 'cuda' else 'resident: the whole process'})"
+
+
+def step_memory(step):
+    """A step of a TrainStep to warm up (AdamW makes its moments in the first), then one counted: {"loss",
+    "seconds", "peak": the device's peak memory in that step (peak_memory), the bytes of the state a run keeps
+    ("weights", "gradients", "adamw", "ema", "teacher") and "activations": what autograd saves in the step for its
+    backward pass (distinct storages, the weights' own left out; under bf16 autocast it includes the weights'
+    bf16 copies)}."""
+    params = [p for p in step.student.parameters()]
+    own = {p.untyped_storage().data_ptr() for p in params}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    step()
+    sync(step.device)
+    reset_peak(step.device)
+    t0 = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    sync(step.device)
+    return {"loss": loss.item(), "seconds": time.perf_counter() - t0, "peak": peak_memory(step.device),
+            "weights": nbytes(params), "gradients": nbytes(p for p in params if p.requires_grad),
+            "adamw": nbytes(v for s in step.opt.state.values() for v in s.values() if v.numel() > 1),
+            "ema": nbytes(step.ema.parameters()),
+            "teacher": nbytes(step.teacher.parameters()) if step.teacher is not None else 0,
+            "activations": sum(saved.values())}
+
+
+def print_memory(rec, batch, device):
+    """step_memory's record as two lines, in GiB."""
+    gb = {k: rec[k] / 2 ** 30 for k in ("weights", "gradients", "adamw", "ema", "teacher", "activations")}
+    state = sum(v for k, v in gb.items() if k != "activations")
+    print(f"loss {rec['loss']:.4f} in {rec['seconds']:.1f} s; state {state:.2f} GiB (weights {gb['weights']:.2f}, "
+          f"gradients {gb['gradients']:.2f}, AdamW {gb['adamw']:.2f}, EMA {gb['ema']:.2f}, teacher "
+          f"{gb['teacher']:.2f}); saved for backward {gb['activations']:.2f} GiB ({gb['activations'] / batch:.2f} a "
+          f"image at batch {batch})")
+    if rec["peak"]:
+        print(f"peak memory in that step {describe_peak(rec['peak'], device)}")
+
+
+def time_train(step, device, steps, warmup):
+    """Seconds per training step (median of `steps`) of a TrainStep."""
     times = []
     for i in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
-        t = torch.sigmoid(torch.randn(batch, device=device, generator=gen))
-        x_t = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * noise
-        with autocast:
-            v, _ = step_model(x_t, t, y)
-        loss = F.mse_loss(v.float(), x - noise)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        train.update_ema(ema, model, 0.9999)
+        step()
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -163,10 +271,15 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the released implementation (default: on for CPU)")
+    p.add_argument("--repa", action="store_true", help="with REPA: a DINOv2-B/14-shaped teacher, random weights")
+    p.add_argument("--memory", action="store_true",
+                   help="one training step, its memory counted (weights, gradients, AdamW, EMA, activations)")
     p.add_argument("--sample", action="store_true", help="time sampling instead of training")
     p.add_argument("--num-steps", type=int, nargs="+", default=[250], help="sampling steps (each in turn)")
     p.add_argument("--encoder-steps", type=int, nargs="+", default=[50], help="encoder runs K when sharing")
     args = p.parse_args()
+    if args.repa and (args.patch_size or ddt.PRESETS[args.model].patch_size) != 2:
+        p.error("--repa needs patch size 2 (as many DINOv2 tokens as DDT tokens, with latents 1/8 of the images)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, _ = train.autocast_for(args, device)
     cfg = train.model_config(args, {"latent_shape": [args.channels, args.image_size, args.image_size],
@@ -198,17 +311,22 @@ def main():
                       f"{full / shared / ideal:.0%} of it)")
         return
 
+    teacher = random_teacher(device) if args.repa else None
+    step = TrainStep(model, args.batch_size, shape, device, precision, args.compile, teacher)
+    if args.memory:
+        print_memory(step_memory(step), args.batch_size, device)
+        return
     compare = device.type == "cpu" if args.compare is None else args.compare
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rounds = {"nanoDDT": [], "released": []}
+    steps = {"nanoDDT": step}
+    if compare:
+        steps["released"] = TrainStep(as_released(model), args.batch_size, shape, device, precision, args.compile,
+                                      teacher)
+    reset_peak(device)
+    rounds = {impl: [] for impl in steps}
     for _ in range(3 if compare else 1):  # interleaved rounds, so drift hits both alike
-        rounds["nanoDDT"].append(time_train(model, args.batch_size, shape, device, precision, args.compile,
-                                            args.steps, args.warmup))
-        if compare:
-            with released_patchify():
-                rounds["released"].append(time_train(as_released(model), args.batch_size, shape, device, precision,
-                                                     args.compile, args.steps, args.warmup))
+        for impl, step in steps.items():
+            with released_patchify() if impl == "released" else nullcontext():
+                rounds[impl].append(time_train(step, device, args.steps, args.warmup))
     # the floor: every FLOP at the rate of the model's MLP product on this device
     mlp = model.blocks[0].mlp.w1
     rate = matmul_rate(device, torch.bfloat16 if precision == "bf16" else torch.float32,
@@ -229,8 +347,8 @@ def main():
     if compare:
         ratio = sorted(rounds["nanoDDT"])[1] / sorted(rounds["released"])[1]
         print(f"nanoDDT / released step time: {ratio:.2f}x")
-    if device.type == "cuda":
-        print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
+    if peak_memory(device):
+        print(f"peak memory {describe_peak(peak_memory(device), device)}")
 
 
 if __name__ == "__main__":

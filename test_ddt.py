@@ -1497,14 +1497,16 @@ def test_idit_presets_parameter_counts_and_flops():
         C, p, D = d.in_channels, d.patch_size, d.hidden_size
         assert counts[f"DDT-{size}"] - counts[f"iDiT-{size}"] == C * p * p * D + D  # DDT's second patch embedding
     from torch.utils.flop_counter import FlopCounterMode
-    for cfg in (replace(TINY, num_classes=4), replace(IDIT_TINY, num_classes=4)):  # bench.py's and MFU's FLOPs
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            DDT(cfg)(torch.randn(1, 4, 8, 12), torch.rand(1), torch.tensor([1]))
-        counted = {m: sum(v for op, v in c.items() if str(op) in ("aten.mm", "aten.addmm"))
-                   for m, c in fc.get_flop_counts().items()}
-        N, D, depth = 24, cfg.hidden_size, cfg.encoder_depth + cfg.decoder_depth
-        attention = depth * 4 * N * N * D  # q k^T and attn v; the timestep MLP is left out
-        assert train.flops_per_image(cfg, 8, 12) == counted["Global"] - counted["DDT.t_embedder"] + attention
+    cases = [(replace(TINY, num_classes=4), 8, 12), (replace(IDIT_TINY, num_classes=4), 8, 12),
+             (PRESETS["DDT-XL/2"], 32, 32), (PRESETS["iDiT-XL/2"], 32, 32)]  # XL/2 at 256 px: 32 x 32 latents
+    for cfg, H, W in cases:  # bench.py's and MFU's FLOPs against a count of the model's own products
+        with torch.device("meta"), FlopCounterMode(display=False) as fc:  # shapes only: no arithmetic is done
+            DDT(cfg)(torch.randn(2, cfg.in_channels, H, W), torch.rand(2), torch.tensor([1, 2]))
+        counted = {m: sum(c.values()) for m, c in fc.get_flop_counts().items()}  # matmuls and attention
+        assert 2 * train.flops_per_image(cfg, H, W) == counted["Global"] - counted["DDT.t_embedder"]  # (its MLP:
+        # left out)
+    assert 3 * train.flops_per_image(PRESETS["DDT-XL/2"], 32, 32) == 788_876_623_872  # ~0.79 TFLOP a training image
+    assert 3 * train.flops_per_image(PRESETS["iDiT-XL/2"], 32, 32) == 711_690_485_760
 
 
 def test_idit_samples_and_refuses_encoder_steps(tmp_path, monkeypatch):
@@ -1658,6 +1660,26 @@ def test_bench_runs():
     assert "images/s" in out and "nanoDDT / released step time" in out
     out = run_script("bench.py", *small, "--sample", "--num-steps", "6", "--encoder-steps", "2").stdout
     assert "ideal" in out
+    out = run_script("bench.py", *small, "--repa", "--memory").stdout
+    assert "saved for backward" in out and "teacher 0.32" in out  # DINOv2-B/14's 86M float32 weights
+
+
+def test_bench_step_memory_counts_the_state_and_what_backward_saves():
+    cfg = replace(TINY, encoder_depth=2, decoder_depth=1)
+    torch.manual_seed(0)
+    teacher = pretrained.DINOv2(64, 1).eval().requires_grad_(False)
+    rec = {}
+    for batch in (2, 4):
+        step = bench.TrainStep(ddt.DDT(cfg), batch, (4, 8, 8), torch.device("cpu"), "fp32", teacher=teacher)
+        rec[batch] = bench.step_memory(step)
+    n = sum(p.numel() for p in step.student.parameters())  # the model and REPA's projector
+    r = rec[2]
+    assert r["weights"] == r["gradients"] == 4 * n and r["adamw"] == 8 * n
+    assert r["ema"] == 4 * sum(p.numel() for p in step.ema.parameters()) < r["weights"]
+    assert r["teacher"] == 4 * sum(p.numel() for p in teacher.parameters())
+    assert math.isfinite(r["loss"]) and r["seconds"] > 0
+    # in float32 nothing of autograd's saved tensors is fixed: twice the images, twice the bytes (to a few %)
+    assert 0 < r["activations"] and 1.8 < rec[4]["activations"] / r["activations"] < 2.05
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -1674,7 +1696,8 @@ def test_gpu_golden_parity_fp32_and_bf16(tiny_ddt, golden_ddt):
 
 
 def test_compile_fullgraph_matches_eager():
-    # no graph breaks (fullgraph=True), z reuse included; on a GPU in bf16, on the CPU in float32 (~40 s)
+    # no graph breaks (fullgraph=True), z reuse included; on a GPU in bf16 through inductor, on the CPU in float32
+    # through aot_eager (the same graphs without inductor's code: that is test_train_compile_on_the_cpu_...'s)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = DDT(DDTConfig(in_channels=4, patch_size=2, hidden_size=32, num_heads=2, encoder_depth=2,
@@ -1684,11 +1707,35 @@ def test_compile_fullgraph_matches_eager():
     x, t, y = torch.randn(2, 4, 8, 8, device=device), torch.rand(2, device=device), torch.tensor([1, 2], device=device)
     with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
         v, z = model(x, t, y)
-        compiled = torch.compile(model, fullgraph=True)
+        compiled = torch.compile(model, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
         vc, zc = compiled(x, t, y)
         vr, _ = compiled(x, t, y, z=zc)
     tol = 2e-2 if device == "cuda" else 1e-5
     assert rel_err(vc, v) < tol and rel_err(zc, z) < tol and rel_err(vr, v) < tol
+
+
+def test_train_compile_on_the_cpu_matches_eager(tmp_path, monkeypatch):
+    """train.py --compile (inductor: C++ on the CPU) gives eager's losses and, after 2 AdamW steps, its weights to
+    rounding; a machine where inductor cannot build its code gets a message that names --compile."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's inductor, on a GPU machine too
+    data = make_dataset(tmp_path / "data", n=32)
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        runs[name] = str(tmp_path / name)
+        train.main(["--data", data, "--out-dir", runs[name], *TRAIN_TINY, "--max-steps", "2", *extra])
+    (le, ce), (lc, cc) = ((read_log(runs[n]), ddt.load_checkpoint(os.path.join(runs[n], "ckpt.pt"))) for n in runs)
+    assert [r["loss"] for r in lc] == pytest.approx([r["loss"] for r in le], rel=1e-5)
+    assert [r["grad_norm"] for r in lc] == pytest.approx([r["grad_norm"] for r in le], rel=1e-4)
+    # AdamW's first steps move a weight by about lr whatever its gradient's size, so a gradient near 0 whose sign
+    # the rounding flips moves it the other way: a tolerance of lr (2e-3) over the weights' size, not float32's
+    assert max_rel_diff(ce["model"], cc["model"]) < 1e-3 and max_rel_diff(ce["ema"], cc["ema"]) < 1e-3
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))  # a machine with no compiler
+    with pytest.raises(SystemExit, match="--compile: torch.compile cannot compile the model on this machine "
+                                         r"\(.*C\+\+ compiler.*\); run without --compile"):
+        train.main(["--data", data, "--out-dir", str(tmp_path / "nocxx"), *TRAIN_TINY, "--max-steps", "1",
+                    "--compile"])
+    torch._dynamo.reset()
 
 
 @cuda

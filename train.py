@@ -636,7 +636,11 @@ def train(args, val, rank, local_rank, world, device, received):
         if teacher is not None:
             with torch.no_grad(), autocast:
                 feats = teacher(batch["images"].to(device, non_blocking=True).float() / 255)  # (B, N, 768)
-        loss = accumulate_gradients(model, x_t, t, y, target, feats, args, sums, world, autocast)
+        try:
+            loss = accumulate_gradients(model, x_t, t, y, target, feats, args, sums, world, autocast)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile only: inductor could not build its code
+            raise SystemExit(f"--compile: torch.compile cannot compile the model on this machine "
+                             f"({str(e).strip().splitlines()[0]}); run without --compile") from None
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
         if not torch.isfinite(grad_norm):  # the gradients are all-reduced, so every rank stops here together
             raise SystemExit(f"non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}); stopped "
