@@ -177,8 +177,8 @@ def peak_memory(device):
         return None
 
 
-def describe_peak(nbytes, device):
-    return f"{nbytes / 2 ** 30:.2f} GiB ({'allocated by CUDA' if device.type == 'cuda' else 'resident: the whole process'})"
+def describe_peak(n, device):
+    return f"{n / 2 ** 30:.2f} GiB ({'allocated by CUDA' if device.type == 'cuda' else 'resident: the whole process'})"
 
 
 def step_memory(step):
@@ -187,7 +187,7 @@ def step_memory(step):
     ("weights", "gradients", "adamw", "ema", "teacher") and "activations": what autograd saves in the step for its
     backward pass (distinct storages, the weights' own left out; under bf16 autocast it includes the weights'
     bf16 copies)}."""
-    params = [p for p in step.student.parameters()]
+    params = list(step.student.parameters())
     own = {p.untyped_storage().data_ptr() for p in params}
     saved = {}
 
@@ -347,8 +347,8 @@ def main():
     if compare:
         ratio = sorted(rounds["nanoDDT"])[1] / sorted(rounds["released"])[1]
         print(f"nanoDDT / released step time: {ratio:.2f}x")
-    if peak_memory(device):
-        print(f"peak memory {describe_peak(peak_memory(device), device)}")
+    if mem := peak_memory(device):
+        print(f"peak memory {describe_peak(mem, device)}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import pretrained
 import sample
 import train
 from experiments import quality, samplers, study
+from experiments.ranks import max_rel_diff
 from ddt import DDT, PRESETS, CheckpointError, DDTConfig, load_ddt
 from pretrained import AutoencoderKL, DINOv2, load_dino, load_vae, read_safetensors
 from prepare_latents import center_crop_arr, list_images, make_toy_images
@@ -1381,13 +1382,6 @@ def test_train_bad_input_says_what_to_do(tmp_path):
     (tmp_path / "run" / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot resume.*truncated or corrupt"):
         train.main(["--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY])
-
-
-def max_rel_diff(a, b):
-    """The largest |a - b| / max|a| over the tensors of two state dicts (or optimizer states) with the same keys."""
-    if isinstance(a, dict):
-        return max(max_rel_diff(a[k], b[k]) for k in a)
-    return ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-12)).item()
 
 
 def test_eight_ranks_equal_one_rank_and_grad_accumulation(tmp_path, monkeypatch):

@@ -502,14 +502,18 @@ def accumulate_gradients(model, x_t, t, y, target, feats, args, sums, world, aut
     for k in range(args.grad_accum):
         part = slice(k * micro, (k + 1) * micro)
         sync = k == args.grad_accum - 1 or world == 1
-        with (model.no_sync() if not sync else torch.enable_grad()), autocast:
-            v, proj = model(x_t[part], t[part], y[part])
-            fm = F.mse_loss(v.float(), target[part])
-            repa = torch.zeros((), device=x_t.device)
-            if proj is not None:
-                repa = (1 - F.cosine_similarity(proj.float(), feats[part].float(), dim=-1)).mean()
-            loss = fm + args.repa_weight * repa
-        (loss / args.grad_accum).backward()
+        try:
+            with (model.no_sync() if not sync else torch.enable_grad()), autocast:
+                v, proj = model(x_t[part], t[part], y[part])
+                fm = F.mse_loss(v.float(), target[part])
+                repa = torch.zeros((), device=x_t.device)
+                if proj is not None:
+                    repa = (1 - F.cosine_similarity(proj.float(), feats[part].float(), dim=-1)).mean()
+                loss = fm + args.repa_weight * repa
+            (loss / args.grad_accum).backward()
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile only: inductor could not build its code
+            raise SystemExit(f"--compile: torch.compile cannot compile the model on this machine "
+                             f"({str(e).strip().splitlines()[0]}); run without --compile") from None
         sums[:2] += torch.stack([fm.detach(), repa.detach()]) / args.grad_accum
     return loss
 
@@ -636,11 +640,7 @@ def train(args, val, rank, local_rank, world, device, received):
         if teacher is not None:
             with torch.no_grad(), autocast:
                 feats = teacher(batch["images"].to(device, non_blocking=True).float() / 255)  # (B, N, 768)
-        try:
-            loss = accumulate_gradients(model, x_t, t, y, target, feats, args, sums, world, autocast)
-        except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile only: inductor could not build its code
-            raise SystemExit(f"--compile: torch.compile cannot compile the model on this machine "
-                             f"({str(e).strip().splitlines()[0]}); run without --compile") from None
+        loss = accumulate_gradients(model, x_t, t, y, target, feats, args, sums, world, autocast)
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
         if not torch.isfinite(grad_norm):  # the gradients are all-reduced, so every rank stops here together
             raise SystemExit(f"non-finite loss or gradient at step {step + 1} (loss {loss.item():.4g}); stopped "

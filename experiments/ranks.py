@@ -43,9 +43,10 @@ def digest(folder):
             for f in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, f))}
 
 
-def max_rel(a, b):
+def max_rel_diff(a, b):
+    """The largest |a - b| / max|a| over the tensors of two state dicts (or optimizer states) with the same keys."""
     if isinstance(a, dict):
-        return max(max_rel(a[k], b[k]) for k in a)
+        return max(max_rel_diff(a[k], b[k]) for k in a)
     return ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-12)).item()
 
 
@@ -57,13 +58,12 @@ def log_of(run_dir):
 def compare(ref_dir, run_dir):
     """How far a run's final checkpoint and log are from the reference run's."""
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (ref_dir, run_dir))
-    out = {k: max_rel(a[k], b[k]) for k in ("model", "ema")}
-    out["adamw"] = max_rel(a["optimizer"]["state"], b["optimizer"]["state"])
-    ref = {(r["step"], "val_loss" in r): r for r in log_of(ref_dir)}
+    out = {k: max_rel_diff(a[k], b[k]) for k in ("model", "ema")}
+    out["adamw"] = max_rel_diff(a["optimizer"]["state"], b["optimizer"]["state"])
+    key = lambda r: (r["step"], "val_loss" in r)  # a step's training line and its val line
+    ref, rows = {key(r): r for r in log_of(ref_dir)}, log_of(run_dir)
     for field in ("loss", "val_loss", "val_loss_ema"):
-        out[field] = max(abs(r[field] - ref[k][field]) / abs(ref[k][field])
-                         for k, r in ((k, r) for r in log_of(run_dir) for k in [(r["step"], "val_loss" in r)])
-                         if field in r)
+        out[field] = max(abs(r[field] - ref[key(r)][field]) / abs(ref[key(r)][field]) for r in rows if field in r)
     return out
 
 
