@@ -112,42 +112,37 @@ def random_teacher(device):
 
 
 class TrainStep:
-    """train.py's optimizer step at one rank on random data of the right shape: flow_matching_inputs, the teacher's
-    features (REPA: with a teacher, on 8x-upscaled images as an SD-VAE dataset has them), accumulate_gradients,
-    AdamW, the EMA update. Calling it makes one step and returns the loss."""
+    """train.py's optimizer step at one rank, on random data of the right shape: the same functions, imported
+    (train.step_inputs, train.train_step, train.update_ema), with the paper's settings. REPA: with a teacher, on
+    8x-upscaled images as an SD-VAE dataset has them. Calling it makes one step and returns the loss."""
 
     def __init__(self, model, batch, shape, device, precision, compile=False, teacher=None):
         cfg = model.cfg
-        self.student = train.Student(model, teacher.embed_dim if teacher else 0, min(8, cfg.encoder_depth)).to(device)
+        self.student = train.ModelWithProjector(model, teacher.embed_dim if teacher else 0,
+                                                min(8, cfg.encoder_depth)).to(device)
         self.ema = copy.deepcopy(model).float().requires_grad_(False)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
                                      fused=device.type == "cuda")
         self.model = torch.compile(self.student) if compile else self.student
-        self.teacher, self.device, self.num_classes = teacher, device, cfg.num_classes
-        self.autocast = train.precision_context(device, precision)
-        self.settings = types.SimpleNamespace(grad_accum=1, repa_weight=0.5)
-        self.gen = torch.Generator(device).manual_seed(0)
-        self.batch = {"mean": torch.randn(batch, *shape, device=device, generator=self.gen),
+        self.teacher, self.device, self.step = teacher, device, 0
+        self.args = types.SimpleNamespace(seed=0, global_batch_size=batch, class_dropout=0.1, precision=precision,
+                                          grad_accum=1, repa_weight=0.5, grad_clip=0.0, out_dir="(bench)")
+        self.data = types.SimpleNamespace(part=slice(None), meta={"latent_shape": shape, "scaling_factor": 1.0,
+                                                                  "num_classes": cfg.num_classes})
+        gen = torch.Generator(device).manual_seed(0)
+        self.batch = {"mean": torch.randn(batch, *shape, device=device, generator=gen),
                       "std": torch.full((batch, *shape), 0.05, device=device),
-                      "y": torch.randint(0, cfg.num_classes, (batch,), device=device, generator=self.gen)}
+                      "y": torch.randint(0, cfg.num_classes, (batch,), device=device, generator=gen)}
         if teacher is not None:
-            self.images = torch.randint(0, 256, (batch, 3, 8 * shape[1], 8 * shape[2]), dtype=torch.uint8,
-                                        device=device, generator=self.gen)
+            self.batch["images"] = torch.randint(0, 256, (batch, 3, 8 * shape[1], 8 * shape[2]), dtype=torch.uint8,
+                                                 device=device, generator=gen)
 
     def __call__(self):
-        n = len(self.batch["y"])
-        x_t, t, y, target = train.flow_matching_inputs(self.batch, self.gen, slice(None), n, 1.0, 0.1,
-                                                       self.num_classes, self.device)
-        feats = None
-        if self.teacher is not None:
-            with torch.no_grad(), self.autocast:
-                feats = self.teacher(self.images.float() / 255)  # (B, N, 768)
-        sums = torch.zeros(3, device=self.device)
-        loss = train.accumulate_gradients(self.model, x_t, t, y, target, feats, self.settings, sums, 1, self.autocast)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        inputs = train.step_inputs(self.batch, self.step, self.data, self.teacher, self.args, self.device)
+        parts = train.train_step(self.model, self.opt, inputs, self.args, self.step)  # loss, fm, repa, grad norm
+        self.step += 1
         train.update_ema(self.ema, self.student.model, 0.9999)
-        return loss.detach()
+        return parts[0]
 
 
 def nbytes(tensors):
@@ -249,18 +244,71 @@ def timed(device, autocast, call):
 
 def time_sampling(model, batch, shape, device, precision, num_steps, encoder_steps):
     """Seconds for one batch of `num_steps` Euler steps (no guidance), encoder at `encoder_steps`."""
-    autocast = train.precision_context(device, precision)
+    autocast = plumbing.autocast(device, precision)
     noise = torch.randn(batch, *shape, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device)
     with autocast:
-        sample.euler_sample(model, noise, y, num_steps=min(num_steps, 5))  # warm-up
-    return timed(device, autocast, lambda: sample.euler_sample(model, noise, y, num_steps=num_steps,
-                                                           encoder_steps=encoder_steps))[1]
+        sample.sample_loop(model, noise, y, sample.Sampler(min(num_steps, 5)))  # warm-up
+    return timed(device, autocast, lambda: sample.sample_loop(model, noise, y, sample.Sampler(num_steps),
+                                                              encoder_steps))[1]
+
+
+def bench_sampling(model, args, shape, device, precision):
+    """--sample: images/s of Euler sampling at each --num-steps, unshared and with the encoder at each K."""
+    E, D = model.cfg.encoder_depth, model.cfg.decoder_depth
+    model.eval()
+    for N in args.num_steps:
+        full = time_sampling(model, args.batch_size, shape, device, precision, N, None)
+        if not D:  # the improved DiT: every step runs the whole network
+            print(f"sampling {N} steps: {args.batch_size / full:.2f} images/s (an improved DiT: no encoder sharing)")
+            continue
+        for k in args.encoder_steps:
+            shared = time_sampling(model, args.batch_size, shape, device, precision, N, sample.uniform_schedule(N, k))
+            ideal = (E + D) * N / (E * k + D * N)
+            print(f"sampling {N} steps: {args.batch_size / full:.2f} images/s; encoder at {k} steps: "
+                  f"{args.batch_size / shared:.2f} images/s; speedup {full / shared:.2f}x (ideal {ideal:.2f}x, "
+                  f"{full / shared / ideal:.0%} of it)")
+
+
+def bench_training(model, args, shape, device, precision, teacher):
+    """Median training-step time, images/s, TFLOP/s, MFU and the distance to the matmul floor; with --compare,
+    interleaved with the released arithmetic's."""
+    flops = ddt.flops_per_image(model.cfg, args.image_size, args.image_size)
+    peak = plumbing.peak_flops(device)
+    compare = device.type == "cpu" if args.compare is None else args.compare
+    steps = {"nanoDDT": TrainStep(model, args.batch_size, shape, device, precision, args.compile, teacher)}
+    if compare:
+        steps["released"] = TrainStep(as_released(model), args.batch_size, shape, device, precision, args.compile,
+                                      teacher)
+    reset_peak(device)
+    rounds = {impl: [] for impl in steps}
+    for _ in range(3 if compare else 1):  # interleaved rounds, so drift hits both alike
+        for impl, step in steps.items():
+            with released_patchify() if impl == "released" else nullcontext():
+                rounds[impl].append(time_train(step, device, args.steps, args.warmup))
+    # the floor: every FLOP at the rate of the model's MLP product on this device
+    mlp = model.blocks[0].mlp.w1
+    rate = matmul_rate(device, torch.bfloat16 if precision == "bf16" else torch.float32,
+                       args.batch_size * (args.image_size // model.cfg.patch_size) ** 2, mlp.in_features,
+                       mlp.out_features)
+    floor = 3 * flops * args.batch_size / rate
+    print(f"matmul floor {floor * 1e3:8.1f} ms  (all {3 * flops * args.batch_size / 1e9:.0f} GFLOPs of the step at "
+          f"this device's measured {rate / 1e12:.3f} TFLOP/s)")
+    for impl, times in rounds.items():
+        sec = sorted(times)[len(times) // 2]
+        ips = args.batch_size / sec
+        line = f"{impl:9s} train step {sec * 1e3:8.1f} ms  {ips:8.1f} images/s  {3 * flops * ips / 1e12:7.3f} TFLOP/s"
+        if peak:
+            line += f"  MFU {3 * flops * ips / peak:.1%}"
+        print(line + f"  {sec / floor:.2f}x the floor")
+    if compare:
+        print(f"nanoDDT / released step time: {sorted(rounds['nanoDDT'])[1] / sorted(rounds['released'])[1]:.2f}x")
+    if mem := peak_memory(device):
+        print(f"peak memory {describe_peak(mem, device)}")
 
 
 def main():
-    p = argparse.ArgumentParser(description="Time DDT training steps and sampling.",
-                                formatter_class=plumbing.HelpFormatter)
+    p = plumbing.ArgumentParser("Time DDT training steps and sampling.")
     train.add_model_args(p, default="DDT-S/2")
     p.add_argument("--channels", type=int, default=4, help="latent channels")
     p.add_argument("--image-size", type=int, default=32, help="latent height = width (32 = 256 px images)")
@@ -281,74 +329,22 @@ def main():
     if args.repa and (args.patch_size or ddt.PRESETS[args.model].patch_size) != 2:
         p.error("--repa needs patch size 2 (as many DINOv2 tokens as DDT tokens, with latents 1/8 of the images)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision, _ = train.autocast_for(args, device)
-    cfg = train.model_config(args, {"latent_shape": [args.channels, args.image_size, args.image_size],
-                                    "num_classes": ddt.PRESETS[args.model].num_classes})
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     shape = (args.channels, args.image_size, args.image_size)
+    cfg = train.model_config(args, {"latent_shape": list(shape), "num_classes": ddt.PRESETS[args.model].num_classes})
     torch.manual_seed(0)
     model = ddt.DDT(cfg).to(device)
-    flops = train.flops_per_image(cfg, args.image_size, args.image_size)
-    peak = train.peak_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model} {asdict(cfg)}\n{name}, {precision}{', compiled' if args.compile else ''}, batch "
-          f"{args.batch_size}, latents {shape}, {flops / 1e9:.2f} GFLOPs per image forward")
-
+          f"{args.batch_size}, latents {shape}, {ddt.flops_per_image(cfg, *shape[1:]) / 1e9:.2f} GFLOPs per image "
+          f"forward")
     if args.sample:
-        E, D = cfg.encoder_depth, cfg.decoder_depth
-        model.eval()
-        for N in args.num_steps:
-            full = time_sampling(model, args.batch_size, shape, device, precision, N, None)
-            if not D:  # the improved DiT: every step runs the whole network
-                print(f"sampling {N} steps: {args.batch_size / full:.2f} images/s (an improved DiT: no encoder "
-                      f"sharing)")
-                continue
-            for k in args.encoder_steps:
-                shared = time_sampling(model, args.batch_size, shape, device, precision, N,
-                                       sample.uniform_schedule(N, k))
-                ideal = (E + D) * N / (E * k + D * N)
-                print(f"sampling {N} steps: {args.batch_size / full:.2f} images/s; encoder at {k} steps: "
-                      f"{args.batch_size / shared:.2f} images/s; speedup {full / shared:.2f}x (ideal {ideal:.2f}x, "
-                      f"{full / shared / ideal:.0%} of it)")
-        return
-
+        return bench_sampling(model, args, shape, device, precision)
     teacher = random_teacher(device) if args.repa else None
-    step = TrainStep(model, args.batch_size, shape, device, precision, args.compile, teacher)
     if args.memory:
-        print_memory(step_memory(step), args.batch_size, device)
-        return
-    compare = device.type == "cpu" if args.compare is None else args.compare
-    steps = {"nanoDDT": step}
-    if compare:
-        steps["released"] = TrainStep(as_released(model), args.batch_size, shape, device, precision, args.compile,
-                                      teacher)
-    reset_peak(device)
-    rounds = {impl: [] for impl in steps}
-    for _ in range(3 if compare else 1):  # interleaved rounds, so drift hits both alike
-        for impl, step in steps.items():
-            with released_patchify() if impl == "released" else nullcontext():
-                rounds[impl].append(time_train(step, device, args.steps, args.warmup))
-    # the floor: every FLOP at the rate of the model's MLP product on this device
-    mlp = model.blocks[0].mlp.w1
-    rate = matmul_rate(device, torch.bfloat16 if precision == "bf16" else torch.float32,
-                       args.batch_size * (args.image_size // cfg.patch_size) ** 2, mlp.in_features, mlp.out_features)
-    floor = 3 * flops * args.batch_size / rate
-    print(f"matmul floor {floor * 1e3:8.1f} ms  (all {3 * flops * args.batch_size / 1e9:.0f} GFLOPs of the step at "
-          f"this device's measured {rate / 1e12:.3f} TFLOP/s)")
-    for impl, times in rounds.items():
-        if not times:
-            continue
-        sec = sorted(times)[len(times) // 2]
-        ips = args.batch_size / sec
-        line = (f"{impl:9s} train step {sec * 1e3:8.1f} ms  {ips:8.1f} images/s  "
-                f"{3 * flops * ips / 1e12:7.3f} TFLOP/s")
-        if peak:
-            line += f"  MFU {3 * flops * ips / peak:.1%}"
-        print(line + f"  {sec / floor:.2f}x the floor")
-    if compare:
-        ratio = sorted(rounds["nanoDDT"])[1] / sorted(rounds["released"])[1]
-        print(f"nanoDDT / released step time: {ratio:.2f}x")
-    if mem := peak_memory(device):
-        print(f"peak memory {describe_peak(mem, device)}")
+        step = TrainStep(model, args.batch_size, shape, device, precision, args.compile, teacher)
+        return print_memory(step_memory(step), args.batch_size, device)
+    bench_training(model, args, shape, device, precision, teacher)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,20 @@
 """
 nanoDDT: the Decoupled Diffusion Transformer in one file.
 
-DDT (Wang, Tian, Huang, Wang, 2025, "DDT: Decoupled Diffusion Transformer") splits a diffusion
-transformer in two. A *condition encoder* reads the noisy latent, the time and the class and produces a
-per-token self-condition z; a *velocity decoder* reads the noisy latent again, conditioned on z token by
-token, and predicts the flow-matching velocity. DDT-XL/2 (22 encoder + 6 decoder blocks) reaches FID 1.31
-on ImageNet 256. Because z changes slowly along the sampling trajectory, a sampler may reuse it across
-steps (sample.py).
+DDT (Wang, Tian, Huang, Wang, 2025, "DDT: Decoupled Diffusion Transformer", arXiv:2504.05741; released code:
+github.com/MCG-NJU/DDT) splits a diffusion transformer in two. A *condition encoder* reads the noisy latent, the
+time and the class and produces a per-token self-condition z; a *velocity decoder* reads the noisy latent again,
+conditioned on z token by token, and predicts the flow-matching velocity. DDT-XL/2 (22 encoder + 6 decoder
+blocks) reaches FID 1.31 on ImageNet 256. Because z changes slowly along the sampling trajectory, a sampler may
+reuse it across steps (sample.py).
 
-What differs from DiT: two patch embeddings (encoder and decoder); per-block recipe of "improved DiT"
-(RMSNorm, q/k RMSNorm, 2-D RoPE, SwiGLU, adaLN without zero-init and without SiLU inside); the decoder
-and the final layer are modulated per token by z instead of one vector per image; linear flow matching.
+What differs from DiT: two patch embeddings (encoder and decoder); the block recipe of the "improved DiT"
+(RMSNorm, q/k RMSNorm, 2-D RoPE, SwiGLU, adaLN without zero-init and without a SiLU inside); the decoder and the
+final layer are modulated per token by z instead of by one vector per image; linear flow matching.
 
-The paper's baseline, the "improved DiT" (SiT/REPA with the same blocks; `improved_dit.DiT` of the released
-code), is the same class with the decoder switched off, DDTConfig(decoder_depth=0): one patch embedding
-(`x_embedder`), all blocks modulated per image by c, the final layer modulated by c, no z (presets iDiT-*).
+The paper's baseline, the improved DiT (SiT/REPA with the same blocks; `improved_dit.DiT` of the released code),
+is this class with the decoder switched off, DDTConfig(decoder_depth=0): one patch embedding, every block and the
+final layer modulated per image by c, no z (presets iDiT-*). DDT.forward shows where it stops.
 
 Conventions (the released code never states them, and they differ from DiT/SiT/REPA):
     +------------------------------------------------------------------------------------------+
@@ -27,17 +27,13 @@ Conventions (the released code never states them, and they differ from DiT/SiT/R
 Shapes: B batch, C latent channels, H x W latent size, p patch, h x w = H/p x W/p token grid, N = h*w
 tokens, D hidden size, nh heads, d = D / nh head dim.
 
-The file reads bottom-up: small functions, RMSNorm, Attention, SwiGLU, Block, FinalLayer, DDTConfig,
-DDT, PRESETS, checkpoint loading. The frozen pretrained networks (SD-VAE, DINOv2) are in pretrained.py, the
-scripts' shared plumbing (atomic writes, locks, distributed set-up, signals) in plumbing.py; this file imports
-neither.
+The file reads bottom-up: small functions, the layers, Block, FinalLayer, DDTConfig, DDT, PRESETS, FLOPs.
+Reading checkpoints (this project's and the released ones) is in pretrained.py, beside the other released files.
 """
 
 import math
-import os
-import pickle
-import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -86,21 +82,16 @@ def rope_2d(d, h, w, device, theta=10000.0, extent=16.0):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, nh, N, d), cos/sin (N, d/2): rotate each consecutive pair (x0, x1) like the complex x0 + i x1.
-    # In the DDT, x (q or k) arrives in float32 also under bf16 autocast: RMSNorm's float32 weight promotes its
-    # output to float32. So eager bf16 takes the complex float32 path, as the released code does.
-    if x.dtype == torch.float32 and not torch.compiler.is_compiling():
-        # eager float32: one complex multiply is the fastest kernel (measured 4-5x the real version on CPU)
-        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)).flatten(-2)
-    # compiled (fused by torch.compile; float32 in the DDT, see above), or an x in another dtype: real
-    # arithmetic in x's own dtype
+    # x (B, nh, N, d), cos/sin (N, d/2): rotate each consecutive pair (x0, x1) by its angle, the real form of the
+    # released complex product (x0 + i x1)(cos + i sin). In x's dtype: float32 in the DDT, under bf16 autocast
+    # too (RMSNorm's float32 weight promotes q and k), as in the released code.
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, nh, N, d/2) each
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
 # -----------------------------------------------------------------------------------------------
-# the blocks
+# the layers
 
 
 class RMSNorm(nn.Module):
@@ -110,8 +101,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # statistics in float32, as released; F.rms_norm is one fused kernel. The product with the float32
-        # weight is float32 also for a bf16 x (under autocast): q and k go on to RoPE in float32
+        # normalised in float32 as released, then times the float32 weight: the output is float32 also for a
+        # bf16 x (under autocast), so q and k reach RoPE in float32
         return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
@@ -145,6 +136,38 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_channels, dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_channels * patch_size ** 2, dim)  # `.proj` as released
+
+    def forward(self, x):
+        return self.proj(patchify(x, self.patch_size))  # (B, C, H, W) -> (B, N, D)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.mlp[0].in_features))  # (B,) -> (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, num_classes, dim):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)  # last row: the null class (guidance)
+
+    def forward(self, y):
+        return self.embedding_table(y)  # (B,) -> (B, D)
+
+
+# -----------------------------------------------------------------------------------------------
+# the blocks
+
+
 class Block(nn.Module):
     """One transformer block, the same for encoder and decoder. c is (B, 1, D) or per token (B, N, D)."""
 
@@ -172,30 +195,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 2 * dim))  # `.0` as released
 
-    def forward(self, x, z):
-        shift, scale = self.adaLN_modulation(z).chunk(2, dim=-1)  # (B, N, D) each
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (B, N or 1, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, C*p*p)
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, in_dim, dim):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, dim)  # `.proj` as released
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, dim, freq_dim=256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.mlp[0].in_features))  # (B, D)
-
-
-class LabelEmbedder(nn.Module):
-    def __init__(self, num_classes, dim):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)  # last row = the null class
 
 
 # -----------------------------------------------------------------------------------------------
@@ -209,9 +211,20 @@ class DDTConfig:
     hidden_size: int = 1152
     num_heads: int = 16
     encoder_depth: int = 22
-    decoder_depth: int = 6
+    decoder_depth: int = 6  # 0: the improved DiT
     num_classes: int = 1000
     mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} / num_heads {self.num_heads} must give a head dim "
+                             f"divisible by 4 (RoPE turns pairs of features, by column and by row)")
+
+
+class Output(NamedTuple):
+    v: torch.Tensor  # (B, C, H, W) the velocity
+    z: Optional[torch.Tensor]  # (B, N, D) the self-condition; None for the improved DiT
+    h: Optional[torch.Tensor]  # (B, N, D) the output of encoder block repa_layer; None without repa_layer
 
 
 class DDT(nn.Module):
@@ -219,18 +232,17 @@ class DDT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, p, C = cfg.hidden_size, cfg.patch_size, cfg.in_channels
-        assert D % cfg.num_heads == 0 and (D // cfg.num_heads) % 4 == 0, "head dim must be a multiple of 4"
-        if cfg.decoder_depth:  # DDT's encoder has a patch embedding of its own
-            self.s_embedder = PatchEmbed(C * p * p, D)  # encoder input
-        self.x_embedder = PatchEmbed(C * p * p, D)  # decoder input; the improved DiT's only one
+        # the released names: s_embedder embeds x_t for DDT's encoder, x_embedder for the decoder (the improved
+        # DiT has only x_embedder, which its blocks read)
+        if cfg.decoder_depth:
+            self.s_embedder = PatchEmbed(p, C, D)
+        self.x_embedder = PatchEmbed(p, C, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         # one flat list as released: the first encoder_depth blocks are the encoder, the rest the decoder
-        # (the improved DiT: encoder_depth blocks, no decoder)
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio)
                                     for _ in range(cfg.encoder_depth + cfg.decoder_depth))
         self.final_layer = FinalLayer(D, C * p * p)
-        self._rope_cache = {}  # (h, w, device) -> (cos, sin); plain dict, not saved in state_dict
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -245,73 +257,53 @@ class DDT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def rope(self, H, W, device):
-        p, d = self.cfg.patch_size, self.cfg.hidden_size // self.cfg.num_heads
-        if torch.compiler.is_compiling():  # computed in the graph: a dict lookup would guard and recompile
-            return rope_2d(d, H // p, W // p, device)
-        key = (H // p, W // p, str(device))
-        if key not in self._rope_cache:
-            self._rope_cache[key] = rope_2d(d, H // p, W // p, device)
-        return self._rope_cache[key]
+    def forward(self, x, t, y, z=None, repa_layer=None):
+        """x_t (B, C, H, W), t (B,), y (B,) -> Output(v, z, h). Given z (from an earlier sampling step), the
+        encoder is skipped and that z is reused. repa_layer = k (1-based) also returns h, encoder block k's output."""
+        self.check_input(x, z)
+        h = None
+        if z is None:  # the condition encoder: x_t, t, y -> z
+            t_emb = self.t_embedder(t)[:, None]  # (B, 1, D)
+            c = F.silu(t_emb + self.y_embedder(y)[:, None])  # (B, 1, D): one condition per image
+            s, h = self.encode(x, c, repa_layer)  # (B, N, D)
+            if not self.cfg.decoder_depth:  # the improved DiT ends here: its final layer, modulated by c
+                return Output(self.final(s, c, x), None, h)
+            z = F.silu(t_emb + s)  # (B, N, D): the self-condition, one per token
+        return Output(self.decode(x, z), z, h)  # the velocity decoder: x_t, z -> v
 
-    def _check(self, x):
+    def encode(self, x, c, repa_layer=None):
+        """The encoder's blocks on x_t, each modulated by c (B, 1, D): (s (B, N, D) their output, h)."""
+        rope = self.rope(x)
+        s, h = (self.s_embedder if self.cfg.decoder_depth else self.x_embedder)(x), None  # (B, N, D)
+        for i, block in enumerate(self.blocks[: self.cfg.encoder_depth], start=1):
+            s = block(s, c, rope)  # (B, N, D)
+            h = s if i == repa_layer else h
+        return s, h
+
+    def decode(self, x, z):
+        """The decoder's blocks on x_t, each and the final layer modulated per token by z: the velocity v."""
+        rope = self.rope(x)
+        u = self.x_embedder(x)  # (B, N, D)
+        for block in self.blocks[self.cfg.encoder_depth:]:
+            u = block(u, z, rope)  # (B, N, D)
+        return self.final(u, z, x)
+
+    def final(self, u, c, x):
+        return unpatchify(self.final_layer(u, c), self.cfg.patch_size, x.shape[2], x.shape[3])  # (B, C, H, W)
+
+    def rope(self, x):
+        # the RoPE tables of x's token grid: a few small kernels, made in each call (torch.compile folds them)
+        p, d = self.cfg.patch_size, self.cfg.hidden_size // self.cfg.num_heads
+        return rope_2d(d, x.shape[2] // p, x.shape[3] // p, x.device)
+
+    def check_input(self, x, z):
         B, C, H, W = x.shape
         p = self.cfg.patch_size
         if C != self.cfg.in_channels or H % p or W % p:
             raise ValueError(f"DDT expects (B, {self.cfg.in_channels}, H, W) with H, W divisible by {p}, "
                              f"got {tuple(x.shape)}")
-
-    def _encoder(self, x, t, y, repa_layer):
-        # the first encoder_depth blocks on the embedded x, modulated per image by c = silu(t_emb + y_emb):
-        # -> their output s (B, N, D), t_emb (B, 1, D), c (B, 1, D), h (the output of block repa_layer, or None)
-        self._check(x)
-        rope = self.rope(x.shape[2], x.shape[3], x.device)
-        t_emb = self.t_embedder(t)[:, None]  # (B, 1, D)
-        c = F.silu(t_emb + self.y_embedder.embedding_table(y)[:, None])  # (B, 1, D)
-        embedder = self.s_embedder if self.cfg.decoder_depth else self.x_embedder
-        s = embedder.proj(patchify(x, self.cfg.patch_size))  # (B, N, D)
-        h = None
-        for i, block in enumerate(self.blocks[: self.cfg.encoder_depth]):
-            s = block(s, c, rope)  # (B, N, D)
-            if i + 1 == repa_layer:
-                h = s
-        return s, t_emb, c, h
-
-    def encode(self, x, t, y, repa_layer=None):
-        # noisy latent, time, class -> self-condition z (B, N, D) [and the hidden state after block repa_layer]
-        if not self.cfg.decoder_depth:
-            raise ValueError("an improved DiT (decoder_depth=0) has no encoder/decoder split: it makes no z")
-        s, t_emb, _, h = self._encoder(x, t, y, repa_layer)
-        z = F.silu(t_emb + s)  # (B, N, D)
-        return z if repa_layer is None else (z, h)
-
-    def decode(self, x, t, z):
-        # noisy latent, time, self-condition z -> velocity (B, C, H, W). t is not used: z carries it.
-        self._check(x)
-        B, C, H, W = x.shape
-        rope = self.rope(H, W, x.device)
-        h = self.x_embedder.proj(patchify(x, self.cfg.patch_size))  # (B, N, D)
-        for block in self.blocks[self.cfg.encoder_depth:]:
-            h = block(h, z, rope)  # (B, N, D), modulated per token by z
-        return unpatchify(self.final_layer(h, z), self.cfg.patch_size, H, W)  # (B, C, H, W)
-
-    def forward(self, x, t, y, z=None, repa_layer=None):
-        """(v, z), or (v, z, h) with repa_layer = k: h is the output of encoder block k (1-based).
-        Given z (from an earlier step), the encoder is skipped. The improved DiT returns z = None."""
-        h = None
-        if not self.cfg.decoder_depth:  # the improved DiT, the paper's baseline: the blocks' output goes to the
-            # final layer, modulated by c. What DDT adds (below): z from that output, and a decoder modulated by z
-            if z is not None:
-                raise ValueError("an improved DiT (decoder_depth=0) has no z to reuse: encoder sharing needs a DDT")
-            s, _, c, h = self._encoder(x, t, y, repa_layer)
-            v = unpatchify(self.final_layer(s, c), self.cfg.patch_size, x.shape[2], x.shape[3])  # (B, C, H, W)
-        else:
-            if z is None:
-                z = self.encode(x, t, y, repa_layer)
-                if repa_layer is not None:
-                    z, h = z
-            v = self.decode(x, t, z)
-        return (v, z) if repa_layer is None else (v, z, h)
+        if z is not None and not self.cfg.decoder_depth:
+            raise ValueError("an improved DiT (decoder_depth=0) has no z to reuse: encoder sharing needs a DDT")
 
 
 PRESETS = {
@@ -332,114 +324,15 @@ PRESETS = {
 }
 
 
-# -----------------------------------------------------------------------------------------------
-# checkpoints
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
-
-
-def load_checkpoint(path, allow_pickle=False):
-    """torch.load with weights_only=True and messages that say what went wrong. Memory-mapped (mmap=True):
-    a tensor is read from the file (through the page cache, which the ranks of one host share) only when it
-    is used, so what the caller never touches (a sampler's optimizer state) costs no memory."""
-    if os.path.isdir(path):
-        inside = os.path.join(path, "ckpt.pt")
-        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else " (a checkpoint is a file, e.g. RUN/ckpt.pt)"
-        raise FileNotFoundError(f"checkpoint '{path}' is a folder, not a file{hint}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    mmap = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; the legacy one cannot be mapped
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        globals_ = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
-        if not globals_:  # not a refused Python object: garbage bytes
-            raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?)") from None
-        if not allow_pickle:
-            raise CheckpointError(
-                f"'{path}' holds Python objects that only pickle can read, and unpickling can run arbitrary "
-                f"code ({globals_[0].split(' was ')[0]}). If you trust the file, pass allow_pickle=True "
-                f"(--allow-pickle on the command line).") from None
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as e:  # truncated zip, not a torch file at all, ...
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-
-
-def infer_config(sd):
-    """What the weights say about the architecture, including whether it is an improved DiT (one patch
-    embedding). Not readable from them: a DDT's encoder/decoder split, and channels vs patch size (only C * p * p
-    is)."""
-    try:
-        D, patch_dim = sd["x_embedder.proj.weight"].shape
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        d = sd["blocks.0.attn.q_norm.weight"].shape[0]
-        return dict(hidden_size=D, num_heads=D // d, depth=depth, patch_dim=patch_dim,
-                    num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
-                    improved_dit="s_embedder.proj.weight" not in sd)  # one patch embedding: no decoder
-    except (KeyError, ValueError, ZeroDivisionError):
-        return None
-
-
-def check_state_dict(model, sd, source):
-    """Strict load with one error listing every missing, unexpected or mis-shaped key and a hint."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    if not (missing or unexpected or shapes):
-        model.load_state_dict(sd, strict=True)
-        return
-    lines = [f"'{source}' does not fit the model {asdict(model.cfg)}:"]
-    for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
-    info = infer_config(sd)
-    if info:
-        fits = [n for n, c in PRESETS.items() if c.hidden_size == info["hidden_size"]
-                and c.encoder_depth + c.decoder_depth == info["depth"]
-                and (c.decoder_depth == 0) == info["improved_dit"]]
-        kind = ("an improved DiT (one patch embedding: decoder_depth 0)" if info["improved_dit"] else
-                "a DDT; the encoder/decoder split cannot be read from the weights: pick the preset that has it")
-        lines.append(f"  the weights have hidden size {info['hidden_size']}, {info['num_heads']} heads, "
-                     f"{info['depth']} blocks, channels x patch^2 = {info['patch_dim']}, {info['num_classes']} "
-                     f"classes" + (f": preset {', '.join(fits)} fits" if fits else "") + f"; {kind} (--model; "
-                     "train.py also takes --encoder-depth and --decoder-depth)")
-    raise CheckpointError("\n".join(lines))
-
-
-def load_ddt(path, config=None, ema=True, allow_pickle=False, ckpt=None):
-    """A DDT or an improved DiT from (a) this project's checkpoints (config inside; `ema` picks the EMA weights)
-    or (b) the released Lightning checkpoints of either (`state_dict` with `ema_denoiser.` / `denoiser.`
-    prefixes), which need `config`: a DDTConfig or a preset name (DDT-XL/2, iDiT-XL/2, ...). Strict: any
-    mismatch raises CheckpointError. `ckpt`: the contents of `path` if already read with load_checkpoint (a
-    released file is several GB)."""
-    ckpt = load_checkpoint(path, allow_pickle) if ckpt is None else ckpt
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise CheckpointError(f"unknown preset '{config}'; choose one of {', '.join(PRESETS)}")
-        config = PRESETS[config]
-    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # nanoDDT checkpoint
-        stored = DDTConfig(**ckpt["config"])
-        if config is not None and config != stored:
-            raise CheckpointError(f"'{path}' was trained with {asdict(stored)}, not {asdict(config)}; "
-                                  f"leave the model config out, it is stored in the checkpoint")
-        config, sd = stored, ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"]
-    elif isinstance(ckpt, dict) and "state_dict" in ckpt:  # released Lightning checkpoint
-        prefix = "ema_denoiser." if ema else "denoiser."
-        sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        if not sd:
-            raise CheckpointError(f"'{path}' has no '{prefix}*' weights in its state_dict")
-        if config is None:
-            raise CheckpointError(f"'{path}' is a released checkpoint without a stored config: name the preset "
-                                  f"(--model DDT-XL/2, iDiT-XL/2, ...) or pass a DDTConfig; weights: "
-                                  f"{infer_config(sd)}")
-    else:
-        raise CheckpointError(f"'{path}' is neither a nanoDDT checkpoint (keys 'config', 'model') nor a released "
-                              f"Lightning checkpoint (key 'state_dict')")
-    model = DDT(config)
-    check_state_dict(model, sd, path)
-    return model.eval()
+def flops_per_image(cfg, H, W):
+    """Forward matmul FLOPs of one image on H x W latents (2 per multiply-add); a training step costs 3x this."""
+    D, p, C = cfg.hidden_size, cfg.patch_size, cfg.in_channels
+    N, hid = (H // p) * (W // p), int(2 * cfg.mlp_ratio * D / 3)
+    per_block = 2 * N * (4 * D * D + 3 * D * hid) + 4 * N * N * D  # qkv + proj + SwiGLU, attention
+    enc = cfg.encoder_depth * (per_block + 2 * 6 * D * D)  # adaLN: one condition per image
+    dec = cfg.decoder_depth * (per_block + 2 * N * 6 * D * D)  # adaLN: one condition per token
+    # patch embeddings and the final layer's adaLN: DDT has two embeddings and modulates per token (by z), the
+    # improved DiT has one and modulates per image (by c)
+    embeddings, conditions = (2, N) if cfg.decoder_depth else (1, 1)
+    ends = 2 * N * C * p * p * D * embeddings + 2 * 2 * D * D * conditions + 2 * N * D * C * p * p
+    return enc + dec + ends

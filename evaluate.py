@@ -14,7 +14,7 @@ An .npz holds `arr_0`, uint8 images (N, H, W, 3) (sample.py --npz writes it). A 
 ADM does, and `mu_dinov2`, `sigma_dinov2`. The file reads like the evaluator it replaces: the Inception network
 (bottom-up), feature extraction, the statistics (small functions, each naming the ADM function it equals: numpy,
 but torch for the pairwise distances of precision/recall, which run on the GPU when there is one), reference
-batches, the command line.
+batches; then train.py's validation loss on held-out latents; the command line.
 """
 
 import argparse
@@ -24,21 +24,23 @@ import math
 import os
 import struct
 import sys
+import time
 import warnings
 import zipfile
+from statistics import NormalDist
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import ddt
 import plumbing
 import pretrained
-from prepare_latents import OUTPUT_FILES, center_crop_arr  # the ADM/DiT centre crop: the reference is cropped as
-# the training set; the file names that make a folder a prepare_latents.py dataset
+from prepare_latents import OUTPUT_FILES, center_crop_arr, read_meta  # the ADM/DiT centre crop: the reference is
+# cropped as the training set; the file names that make a folder a prepare_latents.py dataset, and its meta.json
 
 # -----------------------------------------------------------------------------------------------
 # InceptionV3 of TF's 2015-12-05 graph (the one ADM, TTUR and every FID table use). Parameter names are
@@ -203,7 +205,7 @@ def load_inception(path):
     names; a torchvision state dict also carries BatchNorm's num_batches_tracked counters, which are accepted
     and unused. Strict (every weight, no other key), weights_only; float32, eval, frozen."""
     try:
-        sd = ddt.load_checkpoint(path)
+        sd = pretrained.load_checkpoint(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"--inception {path}: no such file; download torch-fidelity's "
                                 f"weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
@@ -643,6 +645,83 @@ def make_ref(source, out, inception, dino=None, resolution=None, num_images=1000
 
 
 # -----------------------------------------------------------------------------------------------
+# the validation loss: train.py's cheap yardstick between FID runs, the flow-matching loss on held-out images,
+# deterministic (--val-data, --eval-only). The time grid: the midpoint
+# quantiles (k + 0.5) / 8 of training's t = sigmoid(randn), so that each time stands for an eighth of the
+# training distribution: 0.177 0.292 0.380 0.461 0.539 0.620 0.708 0.823.
+VAL_TIMES = tuple(1 / (1 + math.exp(-NormalDist().inv_cdf((k + 0.5) / 8))) for k in range(8))
+VAL_CHUNK = 64  # images per forward pass, part of the definition: CPU matmuls round differently at other sizes
+VAL_MUST_MATCH = ("latent_shape", "num_classes", "class_names", "vae", "scaling_factor")  # of train and val sets
+
+
+class ValSet:
+    """The held-out set of --val-data: its valid images in a fixed seeded order (the same for every run), the
+    first `size` of them (all by default). It must be encoded like the training set `train_meta` (of `train_dir`)."""
+
+    def __init__(self, val_dir, size, train_meta, train_dir):
+        meta = read_meta(val_dir, "--val-data")
+        diff = [f"{k} {train_meta.get(k)!r} vs {meta.get(k)!r}" for k in VAL_MUST_MATCH
+                if train_meta.get(k) != meta.get(k)]
+        if diff:
+            raise SystemExit(f"--val-data {val_dir} does not match --data {train_dir}: {'; '.join(diff)}. Make the "
+                             f"val set with prepare_latents.py from held-out images of the same classes, with the "
+                             f"same --vae and --resolution")
+        valid = np.flatnonzero(np.load(os.path.join(val_dir, "valid.npy")))
+        order = np.random.default_rng(0).permutation(valid)  # seed 0, not --seed: every run scores the same images
+        size = len(order) if size is None else size
+        if not len(VAL_TIMES) <= size <= len(order):
+            raise SystemExit(f"--val-size {size}: must be between {len(VAL_TIMES)} (one image per time of the grid) "
+                             f"and the {len(order)} valid images of --val-data {val_dir}")
+        self.rows = order[:size]
+        self.latents = np.load(os.path.join(val_dir, "latents.npy"), mmap_mode="r")  # (N, 2, C, h, w)
+        self.labels = np.load(os.path.join(val_dir, "labels.npy"))
+        self.scale = meta["scaling_factor"]
+
+
+@torch.no_grad()
+def val_loss(model, val, device, precision="fp32"):
+    """The validation loss of `model` (a DDT or improved DiT) on `val` (a ValSet): {"loss": the mean over the
+    times of VAL_TIMES of the per-time means, "loss_t": the per-time means}, as Python floats.
+
+    Image j of the val order is taken at time t = VAL_TIMES[j % 8] (each time gets an eighth of the images),
+    with its true class (no dropout), its posterior sample x = (mean + std * eps) * scale and its noise drawn
+    from a generator seeded by (its row in the dataset, the time's index); the loss is training's
+    |v(t x + (1 - t) noise, t, y) - (x - noise)|^2, mean over the latent, without the REPA term. The forward
+    passes take fixed chunks of VAL_CHUNK images, chunk c on rank c % world, and one all-reduce collects
+    the per-image losses (float64): the same number for any world size, whatever batch size the run trains
+    with, bit-exact on the CPU. Under torchrun a collective: every rank calls it."""
+    rank, world = plumbing.rank_world()
+    T, n = len(VAL_TIMES), len(val.rows)
+    losses = torch.zeros(n, dtype=torch.float64, device=device)
+    for a in range(rank * VAL_CHUNK, n, world * VAL_CHUNK):
+        j = np.arange(a, min(a + VAL_CHUNK, n))  # positions in the val order
+        rows, k = val.rows[j], j % T
+        lat = torch.from_numpy(val.latents[rows].astype(np.float32))  # (b, 2, C, h, w)
+        gens = [torch.Generator().manual_seed(plumbing.mix_seed(int(r), int(i))) for r, i in zip(rows, k)]
+        eps = torch.stack([torch.randn(lat.shape[2:], generator=g) for g in gens])  # each generator: eps first,
+        noise = torch.stack([torch.randn(lat.shape[2:], generator=g) for g in gens])  # then the noise
+        x = ((lat[:, 0] + lat[:, 1] * eps) * val.scale).to(device)  # (b, C, h, w) posterior sample
+        noise = noise.to(device)
+        t = torch.tensor([VAL_TIMES[i] for i in k], dtype=torch.float32, device=device)[:, None, None, None]
+        with plumbing.autocast(device, precision):
+            v = model(t * x + (1 - t) * noise, t.flatten(), torch.from_numpy(val.labels[rows]).to(device)).v
+        losses[torch.from_numpy(j).to(device)] = (v.float() - (x - noise)).pow(2).flatten(1).mean(1).double()
+    if world > 1:
+        dist.all_reduce(losses)  # every position is filled by one rank, zero elsewhere: an exact sum
+    losses = losses.cpu()
+    per_t = [losses[i::T].mean().item() for i in range(T)]
+    return {"loss": sum(per_t) / T, "loss_t": per_t}
+
+
+def val_record(step, raw_model, ema, val, device, precision):
+    """The log record of a validation: the raw and the EMA model's loss, their per-time means, the set's size."""
+    t0 = time.time()
+    raw_l, ema_l = (val_loss(m, val, device, precision) for m in (raw_model, ema))
+    return {"step": step, "val_loss": raw_l["loss"], "val_loss_ema": ema_l["loss"], "val_size": len(val.rows),
+            "val_seconds": time.time() - t0, "val_loss_t": raw_l["loss_t"], "val_loss_ema_t": ema_l["loss_t"]}
+
+
+# -----------------------------------------------------------------------------------------------
 # command line
 
 
@@ -681,7 +760,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    plumbing.check_output_folders(("--out", args.out), ("--json", args.json))
+    plumbing.check_writable(("--out", args.out), ("--json", args.json))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lock = None
     try:

@@ -1,7 +1,7 @@
 """
 The plumbing the scripts share, none of it about diffusion: writes that a crash never tears (atomic_write), one
 run per output (lock_file), the distributed set-up under torchrun or without it, stopping on a signal at a safe
-point, and the --help formatter.
+point, a run's log, seeds, the device's peak FLOP/s, and the --help formatter.
 """
 
 import argparse
@@ -9,15 +9,55 @@ import datetime
 import errno
 import fcntl
 import glob
+import hashlib
+import json
+import math
 import os
+import pickle
 import signal
-from contextlib import contextmanager
+import time
+import zipfile
+from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 
 # -----------------------------------------------------------------------------------------------
-# files: atomic writes, leftovers, locks
+# files: checkpoints read safely, atomic writes, leftovers, locks
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
+
+
+def load_checkpoint(path, allow_pickle=False):
+    """torch.load with weights_only=True and messages that say what went wrong. Memory-mapped (mmap=True):
+    a tensor is read from the file (through the page cache, which the ranks of one host share) only when it
+    is used, so what the caller never touches (a sampler's optimizer state) costs no memory."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "ckpt.pt")
+        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else " (a checkpoint is a file, e.g. RUN/ckpt.pt)"
+        raise FileNotFoundError(f"checkpoint '{path}' is a folder, not a file{hint}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    mmap = zipfile.is_zipfile(path)  # torch.save's format since torch 1.6; the legacy one cannot be mapped
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        globals_ = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        if not globals_:  # not a refused Python object: garbage bytes
+            raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?)") from None
+        if not allow_pickle:
+            raise CheckpointError(
+                f"'{path}' holds Python objects that only pickle can read, and unpickling can run arbitrary "
+                f"code ({globals_[0].split(' was ')[0]}). If you trust the file, pass allow_pickle=True "
+                f"(--allow-pickle on the command line).") from None
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as e:  # truncated zip, not a torch file at all, ...
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
 
 @contextmanager
 def atomic_write(path, mode="wb"):
@@ -37,12 +77,44 @@ def atomic_write(path, mode="wb"):
         raise
 
 
-def check_output_folders(*outputs):
-    """Stop before any work if an output's folder is missing: `outputs` are (flag, path or None) pairs."""
+def check_writable(*outputs):
+    """Stop before any work unless each output can be written: `outputs` are (flag, path or None) pairs; a path's
+    folder must exist and take a file (tried with a temporary file, removed)."""
     for flag, path in outputs:
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise SystemExit(f"error: {flag} {path}: folder {folder} does not exist; create it or pick another")
+        if folder:
+            try:
+                with open(os.path.join(folder, f".write_test{os.getpid()}"), "w"):
+                    pass
+                os.remove(os.path.join(folder, f".write_test{os.getpid()}"))
+            except OSError as e:
+                raise SystemExit(f"error: {flag} {path}: cannot write in {folder} ({e.strerror}); pick another "
+                                 f"place") from None
+
+
+def json_cache(paths, key, compute):
+    """(value, the path it was found in) for `key` (a string) in the first of the JSON files `paths` that holds it;
+    else (compute(), None), the value stored under `key` in the first of `paths` that can be written."""
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path) as f:
+                if key in (cache := json.load(f)):
+                    return cache[key], path
+    value = compute()
+    for path in paths:
+        try:
+            cache = {}
+            if os.path.isfile(path):
+                with open(path) as f:
+                    cache = json.load(f)
+            with atomic_write(path, "w") as f:
+                json.dump(cache | {key: value}, f, indent=1)
+            break
+        except OSError:
+            continue
+    return value, None
 
 
 def save_atomic(obj, path):
@@ -90,6 +162,17 @@ def lock_file(path, flag, value, script):
         f.close()  # its holder deleted it after we opened it: lock the file at `path` now
 
 
+def lock_run_dir(out_dir, script, own_files):
+    """The lock of a run folder (lock_file on OUT/<script stem>.lock, the folder made if missing), held while the
+    returned file stays open. With the lock, the temporary files that a killed run's atomic writes left of its
+    `own_files` (glob patterns inside the folder) are removed: no live run is writing them."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = lock_file(os.path.join(out_dir, os.path.splitext(script)[0] + ".lock"), "--out-dir", out_dir, script)
+    if f is not None:
+        remove_stale_tmp(*(os.path.join(glob.escape(out_dir), p) for p in own_files))
+    return f
+
+
 def unlock(f, remove=False):
     """Release a lock_file lock; `remove`: delete the lock file first, while still holding it."""
     if remove:
@@ -100,9 +183,235 @@ def unlock(f, remove=False):
     f.close()
 
 
+# -----------------------------------------------------------------------------------------------
+# images out: the ADM .npz, in resumable parts, and labelled grids
+
+
+def save_npz(path, images, labels):
+    """ADM evaluator layout: arr_0 uint8 (N, H, W, 3), arr_1 int64 (N,); written atomically."""
+    with atomic_write(path) as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, arr_0=np.asarray(images, dtype=np.uint8), arr_1=np.asarray(labels, dtype=np.int64))
+
+
+def save_grid(path, images, labels, class_names=None, per_row=10):
+    """One row per class, in the order the classes first appear, its name (or index) at the left in a margin as
+    wide as the longest name; a class with more than `per_row` images takes more rows. Small images are enlarged
+    (nearest neighbour) to at least 64 px so that they can be seen. The grids of sample.py and train.py."""
+    up = max(1, 64 // images.shape[1])
+    images = images.repeat(up, axis=1).repeat(up, axis=2)
+    _, H, W, _ = images.shape
+    font = ImageFont.load_default()
+    names = {y: class_names[y] if class_names else str(y) for y in labels}
+    rows = []  # (label, indices of its images), at most per_row each
+    for y in dict.fromkeys(labels):
+        idx = [i for i, l in enumerate(labels) if l == y]
+        rows += [(y if k == 0 else None, idx[k:k + per_row]) for k in range(0, len(idx), per_row)]
+    margin = 8 + max(round(font.getlength(n)) for n in names.values())
+    cols, gap = max(len(idx) for _, idx in rows), 2  # gap: white between the images
+    canvas = Image.new("RGB", (margin + cols * (W + gap), len(rows) * (H + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (y, idx) in enumerate(rows):
+        if y is not None:
+            draw.text((4, r * (H + gap) + H // 2), names[y], fill="black", font=font, anchor="lm")
+        for c, i in enumerate(idx):
+            canvas.paste(Image.fromarray(images[i]), (margin + c * (W + gap), r * (H + gap)))
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    with atomic_write(path) as f:
+        canvas.save(f, format=fmt)
+
+
+class Parts:
+    """sample.py --npz's finished batches, resumable: NPZ_parts/START_END_TAG.npz, TAG naming the settings (so parts
+    of other settings never mix in). Rank 0 lists the batches left for all ranks (one list: every batch has one owner, every rank
+    makes the same number of rounds), before any rank writes new parts. Without --npz: no files, all batches left."""
+
+    def __init__(self, npz, tag, n, batch_size):
+        self.npz, self.tag, self.n = npz, from_rank0(tag), n  # rank 0 decides: every rank names parts alike
+        self.dir = os.path.splitext(npz)[0] + "_parts" if npz else None
+        self.chunks = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        rank = rank_world()[0]
+        if self.dir:
+            os.makedirs(self.dir, exist_ok=True)
+            if rank == 0:  # what a killed run's atomic writes left (no rank writes before the list below)
+                remove_stale_tmp(os.path.join(glob.escape(self.dir), "*"), glob.escape(npz))
+        todo = [c for c in self.chunks if not (self.dir and os.path.exists(self.path(*c)))] if rank == 0 else None
+        self.todo = from_rank0(todo)
+
+    def path(self, s, e):
+        return os.path.join(self.dir, f"{s:07d}_{e:07d}_{self.tag}.npz")
+
+    def join(self, labels):
+        """The parts joined (in order) into the ADM .npz, then removed with their folder; returns the images."""
+        paths, images, s = [self.path(*c) for c in self.chunks], None, 0
+        for path in paths:
+            with np.load(path) as f:
+                images = np.empty((self.n, *f["arr_0"].shape[1:]), np.uint8) if images is None else images
+                images[s:s + len(f["arr_0"])] = f["arr_0"]
+                s += len(f["arr_0"])
+        save_npz(self.npz, images, labels)
+        for path in paths:
+            os.remove(path)
+        if not os.listdir(self.dir):
+            os.rmdir(self.dir)
+        print(f"wrote {self.npz}: arr_0 uint8 {images.shape}, arr_1 int64 labels")
+        return images
+
+
+# -----------------------------------------------------------------------------------------------
+# a run's log: a line on stdout and a JSON record a line in a file, by rank 0
+
+
+class RunLog:
+    """Rank 0 prints each record as a line (format_record) and appends it to `path` as JSON; other ranks print and
+    write nothing. `steps` makes the record of the steps since the last one."""
+
+    def __init__(self, path, step, max_steps):
+        self.path, self.rank, self.max_steps = path, rank_world()[0], max_steps
+        self.since, self.t0 = step, time.time()
+
+    def steps(self, step, sums, names, images_per_step, flops_per_image):
+        """The record of the steps since the last one: the means of `sums` (a device tensor of the quantities
+        `names`, summed over those steps; all-reduced here over the ranks: one host sync a line, none a step),
+        steps/s, images/s, MFU (on a GPU peak_flops knows), peak memory, the time left at this pace. Zeroes `sums`."""
+        world = rank_world()[1]
+        if world > 1:
+            dist.all_reduce(sums)
+        n, secs = step - self.since, time.time() - self.t0
+        rec = {"step": step} | dict(zip(names, (sums / (n * world)).tolist()))
+        rec |= {"steps_per_s": n / secs, "images_per_s": n / secs * images_per_step}
+        if peak := peak_flops(sums.device):
+            rec["mfu"] = rec["images_per_s"] / world * flops_per_image / peak
+        if sums.device.type == "cuda":
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(sums.device) / 2 ** 30
+        sums.zero_()
+        self.since, self.t0 = step, time.time()
+        return rec | {"time_left": duration((self.max_steps - step) * secs / n)}
+
+    def write(self, rec):
+        self.print(format_record(rec))
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def print(self, line):
+        if self.rank == 0:
+            print(line, flush=True)
+
+    def pause(self, seconds):
+        """Leave `seconds` (a validation) out of the steps' speed."""
+        self.t0 += seconds
+
+
+def format_record(rec):
+    """A log record as the printed line: `key value | ...`, numbers to 4 significant digits."""
+    def fmt(v):
+        if isinstance(v, list):
+            return "[" + " ".join(map(fmt, v)) + "]"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return " | ".join(f"{k} {fmt(v)}" for k, v in rec.items())
+
+
+def truncate_log(log_path, step):
+    """Drop the lines of a JSON-lines log after `step` (a resumed run redoes those steps) and any line torn by a
+    crash."""
+    if not os.path.exists(log_path):
+        return
+    kept = []
+    with open(log_path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by a crash mid-write
+                continue
+    with atomic_write(log_path, "w") as f:
+        f.writelines(kept)
+
+
+def duration(seconds):
+    """'1h05m', '7m12s' or '42s'."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def mix_seed(a, b):
+    """One seed from two integers (a run's seed and a step, an image's index, ...), the same in every script."""
+    return a * 1_000_003 + b
+
+
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of the GPU (its data sheet), for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def check_number(flag, value, lo=None, hi=None, open_lo=False):
+    """A ValueError naming `flag` unless `value` is a finite number in [lo, hi] ((lo, hi] with open_lo; None: no
+    bound)."""
+    if problem := out_of_range(value, lo, hi, open_lo):
+        raise ValueError(f"{flag} {problem}")
+
+
+def out_of_range(value, lo=None, hi=None, open_lo=False, open_hi=False):
+    """What is wrong with `value` as a finite number in [lo, hi] (an open end where told; None: no bound), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if lo is not None and (value <= lo if open_lo else value < lo) or hi is not None and (
+            value >= hi if open_hi else value > hi):
+        want = ([f"above {lo}" if open_lo else f"at least {lo}"] if lo is not None else []) + \
+            ([f"below {hi}" if open_hi else f"at most {hi}"] if hi is not None else [])
+        return f"must be {' and '.join(want)}, got {value}"
+    return None
+
+
+def autocast(device, precision):
+    """bf16 autocast on `device` for precision "bf16"; nothing (plain float32) for "fp32"."""
+    return torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+@contextmanager
+def compile_errors():
+    """Inside, inductor's failure to build its code (train.py --compile) becomes a message naming --compile."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        raise SystemExit(f"--compile: torch.compile cannot compile the model on this machine "
+                         f"({str(e).strip().splitlines()[0]}); run without --compile") from None
+
 
 # -----------------------------------------------------------------------------------------------
 # command lines: every script's --help lists each flag's default
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with HelpFormatter, whose errors are like every other refusal of the scripts: a
+    SystemExit with a one-line message (exit status 1, no usage block), raised before any work."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: error: {message} (--help lists the flags)")
+
+
+def number(kind=float, lo=None, hi=None, open_lo=False, open_hi=False):
+    """An argparse type: a finite `kind` (int or float) in [lo, hi] (an open end where told; None: no bound).
+    A bad value stops the script at start-up with a message naming the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if problem := out_of_range(value, lo, hi, open_lo, open_hi):
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -149,6 +458,11 @@ def cleanup_dist():
         dist.destroy_process_group()
 
 
+def rank_world():
+    """(rank, world size): (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def from_rank0(obj):
     """Rank 0's `obj` on every rank (the object itself without a process group). For what each rank would
     otherwise read on its own, e.g. which files exist on a shared filesystem, whose view may lag on a node."""
@@ -157,6 +471,52 @@ def from_rank0(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_to_rank0(d):
+    """The union of every rank's dict `d` (all ranks get it: all_gather_object), after a barrier."""
+    if not dist.is_initialized():
+        return d
+    out = {k: v for part in all_gather(d) for k, v in part.items()}
+    dist.barrier()
+    return out
+
+
+def sum_over_ranks(values, device):
+    """[sum over the ranks of each of `values`] (numbers), as floats."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(obj):
+    """[every rank's obj] ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def weights_digest(model):
+    """sha1 of a model's weights (names, dtypes, shapes, bytes): which weights a rank holds."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def same_on_all_ranks(value, device, what):
+    """`value` (an int) after checking that every rank has it; SystemExit `what` (a message naming the values) if not."""
+    if not dist.is_initialized():
+        return value
+    v = torch.tensor([value, -value], device=device)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    if v[0].item() != -v[1].item():
+        raise SystemExit(what.format(lo=-v[1].item(), hi=v[0].item()))
+    return value
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # preemption (SLURM --signal, torchrun), Ctrl-C
@@ -193,3 +553,19 @@ def stop_requested(received, device):
     s = torch.tensor([max(received, default=0)], device=device)
     dist.all_reduce(s, op=dist.ReduceOp.MAX)
     return int(s.item())
+
+
+def stop_if_signalled(received, device, step, saved, save):
+    """After a training step: if a stop signal reached any rank (stop_requested), rank 0 saves (save(), unless this
+    step already did: `saved`) and every rank exits with EXIT_STOPPED. With a process group, a barrier after every
+    save (`saved`) and before the exit: no rank runs ahead of, or exits before, a checkpoint being written."""
+    stop = stop_requested(received, device)
+    rank, world = rank_world()
+    if rank == 0 and stop and not saved:
+        save()
+    if world > 1 and (saved or stop):
+        dist.barrier()
+    if stop:
+        if rank == 0:
+            print(f"stopped by {signal.Signals(stop).name} at step {step}: rerun the same command to resume", flush=True)
+        raise SystemExit(EXIT_STOPPED)

@@ -169,6 +169,16 @@ def encode_batch(vae, images, precision="fp32"):
     return torch.stack([mean.float(), std], 1).cpu()
 
 
+def read_meta(data_dir, flag="--data"):
+    """A dataset's meta.json, or a message naming the folder (its flag: --data, --val-data) and what to do."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"{flag} {data_dir}: no meta.json there; make the dataset with prepare_latents.py "
+                         f"(an interrupted prepare_latents run writes meta.json only when it finishes)")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
 def write_json(obj, path):
     with plumbing.atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -279,126 +289,141 @@ def wait_for_chunks(out, markers, copy_in_parts, received, stopped):
         copy_in_parts()
 
 
-def write_dataset(out, dataset, labels, class_names, settings, vae=None, files=None, batch_size=64,
-                  num_workers=4, rank=0, world_size=1, overwrite=False, received=(), device="cpu"):
-    """Encode `dataset` (items (i, uint8 (R, R, 3), error string)) into the dataset directory `out`, on every
+class DatasetWriter:
+    """Encodes a dataset (items (i, uint8 (R, R, 3), error string)) into the dataset directory `out`, on every
     rank. `settings` (JSON-able: resolution, vae, vae_precision, flip, images, chunk_size, and what identifies
     the input) fixes what is written; it is kept in out/settings.json so that a rerun resumes or refuses. Rank 0
-    decides what to do with `out` and which chunks are left, for all ranks. `received` (from plumbing.stop_signals):
-    a signal there on any rank stops every rank after the same batch (plumbing.stop_requested after each batch, a
-    collective on `device`; so a rank that crashes also stops the others, at their next batch, or at the process
-    group's timeout where the backend cannot tell)."""
-    N, R, cs = len(dataset), settings["resolution"], settings["chunk_size"]
-    C, h, w = encode_batch(vae, torch.zeros(1, R, R, 3, dtype=torch.uint8), settings["vae_precision"]).shape[2:]
-    arrays = array_specs(N, (C, h, w), settings)
-    mm = {}  # the shared arrays, opened (for writing) by rank 0 only
+    decides what to do with `out` and which chunks are left, for all ranks (decided_by_rank0); chunk c is in
+    the arrays when out/.progress/chunk_c.done exists, and a chunk that another rank finished waits in
+    out/.progress/chunk_c.npz until rank 0 copies it in. A signal in `received` (plumbing.stop_signals) on any
+    rank stops every rank after the same batch (plumbing.stop_requested after each batch, a collective; so a
+    rank that crashes also stops the others, at their next batch, or at the process group's timeout where the
+    backend cannot tell)."""
 
-    def marker(c):  # chunk c is in the arrays
-        return os.path.join(out, ".progress", f"chunk_{c:06d}.done")
+    def __init__(self, out, settings, vae, received, device):
+        self.out, self.settings, self.vae, self.received, self.device = out, settings, vae, received, device
+        self.rank, self.world = plumbing.rank_world()
+        self.cs, R = settings["chunk_size"], settings["resolution"]
+        self.latent_shape = encode_batch(vae, torch.zeros(1, R, R, 3, dtype=torch.uint8),
+                                         settings["vae_precision"]).shape[2:]  # (C, h, w)
+        self.mm, self.rows = {}, {}  # the arrays (rank 0 only, open for writing); chunk -> its rows being encoded
 
-    def part(c):  # chunk c, finished by a rank other than 0, waiting for rank 0 to copy it in
-        return os.path.join(out, ".progress", f"chunk_{c:06d}.npz")
+    def marker(self, c):  # chunk c is in the arrays
+        return os.path.join(self.out, ".progress", f"chunk_{c:06d}.done")
 
-    def prepare():  # rank 0: what to do with `out`, which chunks are left (for every rank: one list, one owner each)
-        state = check_out(out, settings, overwrite)
+    def part(self, c):  # chunk c, finished by a rank other than 0, waiting for rank 0 to copy it in
+        return os.path.join(self.out, ".progress", f"chunk_{c:06d}.npz")
+
+    def end(self, c):
+        return min((c + 1) * self.cs, self.N)
+
+    def write(self, dataset, labels, class_names, files=None, batch_size=64, num_workers=4, overwrite=False):
+        """Encode `dataset` (labels, class_names; `files`: its file names, for the messages), resuming what an
+        earlier run of the same settings finished; rank 0 writes meta.json last."""
+        self.N, self.files = len(dataset), files
+        self.arrays = array_specs(self.N, self.latent_shape, self.settings)
+        state, todo = decided_by_rank0(self.rank, self.prepare, labels, overwrite)
+        if state == "done":
+            if self.rank == 0:
+                print(f"{self.out} already holds this dataset, complete; nothing to do (--overwrite to redo it)")
+            return
+        mine = todo[self.rank::self.world]  # a fresh run: chunk c -> rank c % world
+        batches = [list(range(a, min(a + batch_size, self.end(c)))) for c in mine
+                   for a in range(c * self.cs, self.end(c), batch_size)]
+        rounds = max(sum(math.ceil((self.end(c) - c * self.cs) / batch_size) for c in todo[r::self.world])
+                     for r in range(self.world))  # the same on every rank
+        self.left = {c: self.end(c) - c * self.cs for c in mine}  # rows still to encode, per chunk
+        loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                 worker_init_fn=plumbing.ignore_stop_signals)) if batches else None
+        self.bar = tqdm(total=sum(self.left.values()), unit="img", disable=self.rank != 0,
+                        desc=f"rank 0 of {self.world}")
+        for r in range(rounds):  # a round: a batch on each rank (none where its share is done), then the stop check
+            if r < len(batches):
+                self.encode(*next(loader))
+            if stop := plumbing.stop_requested(self.received, self.device):  # the same on every rank
+                raise self.stopped(stop)
+        self.bar.close()
+        del loader  # its workers end here
+        if self.rank == 0:  # every rank has written its chunks (each passed the last stop check after them)
+            wait_for_chunks(self.out, [self.marker(c) for c in range(math.ceil(self.N / self.cs))],
+                            self.copy_in_parts, self.received, self.stopped)
+            write_meta(self.out, self.settings, self.latent_shape,
+                       1.0 if self.vae is None else self.vae.config["scaling_factor"], class_names, files)
+
+    def prepare(self, labels, overwrite):
+        """Rank 0: what to do with `out` and which chunks are left (for every rank: one list, one owner each)."""
+        state = check_out(self.out, self.settings, overwrite)
         if state == "done":
             return state, []
         if state == "new":
-            create_files(out, arrays, labels, settings)
+            create_files(self.out, self.arrays, labels, self.settings)
         else:  # chunk files a killed run was writing (no rank writes before this decision reaches it)
-            plumbing.remove_stale_tmp(os.path.join(glob.escape(out), ".progress", "*"))
+            plumbing.remove_stale_tmp(os.path.join(glob.escape(self.out), ".progress", "*"))
         try:
-            mm.update({name: np.load(os.path.join(out, name), mmap_mode="r+") for name in arrays})
+            self.mm.update({name: np.load(os.path.join(self.out, name), mmap_mode="r+") for name in self.arrays})
         except (OSError, ValueError) as e:
-            raise SystemExit(f"--out {out}: cannot reopen the unfinished dataset ({e}); delete it, or choose "
+            raise SystemExit(f"--out {self.out}: cannot reopen the unfinished dataset ({e}); delete it, or choose "
                              f"another --out")
-        todo = [c for c in range(math.ceil(N / cs)) if not os.path.exists(marker(c)) and not os.path.exists(part(c))]
+        n_chunks = math.ceil(self.N / self.cs)
+        todo = [c for c in range(n_chunks) if not os.path.exists(self.marker(c)) and not os.path.exists(self.part(c))]
         if state == "resume" and overwrite:
-            print(f"--overwrite: {out} holds this dataset unfinished, made with the same settings: resuming it "
-                  f"({len(todo)} of {math.ceil(N / cs)} chunks left)")
+            print(f"--overwrite: {self.out} holds this dataset unfinished, made with the same settings: resuming it "
+                  f"({len(todo)} of {n_chunks} chunks left)")
         return state, todo
 
-    state, todo = decided_by_rank0(rank, prepare)
-    if state == "done":
-        if rank == 0:
-            print(f"{out} already holds this dataset, complete; nothing to do (--overwrite to redo it)")
-        return
-
-    def copy_in(c, rows):  # rank 0: the chunk's rows reach the disk before its marker
-        for name, arr in rows.items():
-            mm[name][c * cs: c * cs + len(arr)] = arr
-        for arr in mm.values():
-            arr.flush()
-        open(marker(c), "w").close()
-
-    def copy_in_parts():  # rank 0: the chunks other ranks have finished so far
-        for f in sorted(os.listdir(os.path.join(out, ".progress"))):
-            if f.endswith(".npz"):  # (not an unfinished chunk_XXXXXX.npz.tmpPID)
-                with np.load(os.path.join(out, ".progress", f)) as z:
-                    copy_in(int(f[len("chunk_"):-len(".npz")]), {name: z[name] for name in arrays})
-                os.remove(os.path.join(out, ".progress", f))
-
-    def stopped(signum):
-        if rank == 0:
-            print(f"stopped by {signal.Signals(signum).name}: the finished chunks are kept in {out}/.progress; "
-                  f"rerun the same command to resume", flush=True)
-        return SystemExit(plumbing.EXIT_STOPPED)
-
-    def ends(c):
-        return min((c + 1) * cs, N)
-
-    def num_batches(chunks):
-        return sum(math.ceil((ends(c) - c * cs) / batch_size) for c in chunks)
-
-    mine = todo[rank::world_size]  # a fresh run: chunk c -> rank c % world_size
-    batches = [list(range(a, min(a + batch_size, ends(c)))) for c in mine for a in range(c * cs, ends(c), batch_size)]
-    rounds = max(num_batches(todo[r::world_size]) for r in range(world_size))  # the same on every rank
-    left = {c: ends(c) - c * cs for c in mine}  # rows still to encode, per chunk
-    rows = {}  # chunk -> {array name: its rows}, while the chunk is being encoded
-    loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                             worker_init_fn=plumbing.ignore_stop_signals)) if batches else None
-    bar = tqdm(total=sum(left.values()), unit="img", disable=rank != 0, desc=f"rank 0 of {world_size}")
-
-    def encode(idx, img, err):  # (B,), (B, R, R, 3) uint8, B strings; idx is a contiguous range a:b
+    def encode(self, idx, img, err):
+        """One batch: (B,) indices (a contiguous range a:b), (B, R, R, 3) uint8 images, B error strings."""
         a, b = idx[0].item(), idx[-1].item() + 1
-        c = a // cs
-        lo, hi = a - c * cs, b - c * cs  # the batch's rows within its chunk
-        if c not in rows:
-            rows[c] = {name: np.zeros((ends(c) - c * cs, *shape[1:]), dtype) for name, (dtype, shape) in arrays.items()}
+        c = a // self.cs
+        lo, hi = a - c * self.cs, b - c * self.cs  # the batch's rows within its chunk
+        if c not in self.rows:
+            self.rows[c] = {name: np.zeros((self.end(c) - c * self.cs, *shape[1:]), dtype)
+                            for name, (dtype, shape) in self.arrays.items()}
         ok = torch.tensor([e == "" for e in err])
         for i, e in zip(idx.tolist(), err):
             if e:
-                bar.write(f"warning: cannot read image {files[i] if files else i}: {e} (marked invalid)", sys.stderr)
+                self.bar.write(f"warning: cannot read image {self.files[i] if self.files else i}: {e} (marked "
+                               f"invalid)", sys.stderr)
         for name in ("latents.npy", "latents_flip.npy"):
-            if name in arrays:
+            if name in self.arrays:
                 view = img.flip(2) if name == "latents_flip.npy" else img  # flip along W
-                lat = encode_batch(vae, view, settings["vae_precision"])  # (B, 2, C, h, w)
-                rows[c][name][lo:hi] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
-        if "images.npy" in arrays:
-            rows[c]["images.npy"][lo:hi] = img.numpy()
-        rows[c]["valid.npy"][lo:hi] = ok.numpy()
-        left[c] -= b - a
-        if left[c] == 0:
-            if rank == 0:
-                copy_in(c, rows.pop(c))
-                copy_in_parts()
+                lat = encode_batch(self.vae, view, self.settings["vae_precision"])  # (B, 2, C, h, w)
+                self.rows[c][name][lo:hi] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
+        if "images.npy" in self.arrays:
+            self.rows[c]["images.npy"][lo:hi] = img.numpy()
+        self.rows[c]["valid.npy"][lo:hi] = ok.numpy()
+        self.left[c] -= b - a
+        if self.left[c] == 0:
+            if self.rank == 0:
+                self.copy_in(c, self.rows.pop(c))
+                self.copy_in_parts()
             else:
-                with plumbing.atomic_write(part(c)) as f:  # renamed into place complete: rank 0 may copy it in
-                    np.savez(f, **rows.pop(c))
-        bar.update(b - a)
+                with plumbing.atomic_write(self.part(c)) as f:  # renamed into place complete: rank 0 may copy it
+                    np.savez(f, **self.rows.pop(c))
+        self.bar.update(b - a)
 
-    for r in range(rounds):  # a round: a batch on each rank (none on one whose share is done), then the stop check
-        if r < len(batches):
-            encode(*next(loader))
-        if stop := plumbing.stop_requested(received, device):  # the same on every rank
-            raise stopped(stop)
-    bar.close()
-    del loader  # its workers end here
-    if rank != 0:
-        return
-    # every rank has written its chunks (each passed the last stop check after them): wait until they are seen here
-    wait_for_chunks(out, [marker(c) for c in range(math.ceil(N / cs))], copy_in_parts, received, stopped)
-    write_meta(out, settings, (C, h, w), 1.0 if vae is None else vae.config["scaling_factor"], class_names, files)
+    def copy_in(self, c, rows):
+        """Rank 0: chunk c's rows into the arrays; they reach the disk before its marker."""
+        for name, arr in rows.items():
+            self.mm[name][c * self.cs: c * self.cs + len(arr)] = arr
+        for arr in self.mm.values():
+            arr.flush()
+        open(self.marker(c), "w").close()
+
+    def copy_in_parts(self):
+        """Rank 0: the chunks that other ranks have finished so far."""
+        progress = os.path.join(self.out, ".progress")
+        for f in sorted(os.listdir(progress)):
+            if f.endswith(".npz"):  # (not an unfinished chunk_XXXXXX.npz.tmpPID)
+                with np.load(os.path.join(progress, f)) as z:
+                    self.copy_in(int(f[len("chunk_"):-len(".npz")]), {name: z[name] for name in self.arrays})
+                os.remove(os.path.join(progress, f))
+
+    def stopped(self, signum):
+        if self.rank == 0:
+            print(f"stopped by {signal.Signals(signum).name}: the finished chunks are kept in {self.out}/.progress; "
+                  f"rerun the same command to resume", flush=True)
+        return SystemExit(plumbing.EXIT_STOPPED)
 
 
 def decided_by_rank0(rank, fn, *args):
@@ -480,9 +505,8 @@ def main(argv=None):
                     "vae_precision": precision, "resolution": args.resolution, "flip": args.flip,
                     "images": args.images, "chunk_size": args.chunk_size}
         with plumbing.stop_signals() as received:
-            write_dataset(args.out, dataset, labels, class_names, settings, vae=vae, files=files,
-                          batch_size=args.batch_size, num_workers=args.num_workers, rank=rank,
-                          world_size=world_size, overwrite=args.overwrite, received=received, device=device)
+            DatasetWriter(args.out, settings, vae, received, device).write(
+                dataset, labels, class_names, files, args.batch_size, args.num_workers, args.overwrite)
     finally:
         plumbing.cleanup_dist()
 

@@ -1,20 +1,107 @@
 """
-The frozen pretrained networks nanoDDT reads from their released files, in plain torch: the SD-VAE
-(diffusers' AutoencoderKL, with a small safetensors reader) that maps images to latents and back, and the
-DINOv2 ViT that REPA aligns the encoder with (and evaluate.py's FD_DINOv2 network). Parameter names follow
-the releases, so their files load with strict=True. Inference only.
+Weights read from their files, in plain torch: a DDT from this project's checkpoints or from the released
+Lightning files (load_ddt), and the frozen pretrained networks: the
+SD-VAE (diffusers' AutoencoderKL, with a small safetensors reader) that maps images to latents and back, and the
+DINOv2 ViT that REPA aligns the encoder with (and evaluate.py's FD_DINOv2 network). Parameter names follow the
+releases, so their files load with strict=True. The pretrained networks are inference only.
 """
 
 import json
 import math
 import os
 import struct
+import sys
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddt import load_checkpoint
+from ddt import DDT, PRESETS, DDTConfig
+from plumbing import CheckpointError, load_checkpoint, weights_digest
+
+# -----------------------------------------------------------------------------------------------
+# DDT weights from this project's checkpoints or the released Lightning files, loaded strictly with messages that
+# say what does not fit and which preset would
+
+
+def infer_config(sd):
+    """What the weights say about the architecture, including whether it is an improved DiT (one patch
+    embedding). Not readable from them: a DDT's encoder/decoder split, and channels vs patch size (only C * p * p
+    is)."""
+    try:
+        D, patch_dim = sd["x_embedder.proj.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        d = sd["blocks.0.attn.q_norm.weight"].shape[0]
+        return dict(hidden_size=D, num_heads=D // d, depth=depth, patch_dim=patch_dim,
+                    num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+                    improved_dit="s_embedder.proj.weight" not in sd)  # one patch embedding: no decoder
+    except (KeyError, ValueError, ZeroDivisionError):
+        return None
+
+
+def check_state_dict(model, sd, source):
+    """Strict load with one error listing every missing, unexpected or mis-shaped key and a hint."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if not (missing or unexpected or shapes):
+        model.load_state_dict(sd, strict=True)
+        return
+    lines = [f"'{source}' does not fit the model {asdict(model.cfg)}:"]
+    for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+    info = infer_config(sd)
+    if info:
+        fits = [n for n, c in PRESETS.items() if c.hidden_size == info["hidden_size"]
+                and c.encoder_depth + c.decoder_depth == info["depth"]
+                and (c.decoder_depth == 0) == info["improved_dit"]]
+        kind = ("an improved DiT (one patch embedding: decoder_depth 0)" if info["improved_dit"] else
+                "a DDT; the encoder/decoder split cannot be read from the weights: pick the preset that has it")
+        lines.append(f"  the weights have hidden size {info['hidden_size']}, {info['num_heads']} heads, "
+                     f"{info['depth']} blocks, channels x patch^2 = {info['patch_dim']}, {info['num_classes']} "
+                     f"classes" + (f": preset {', '.join(fits)} fits" if fits else "") + f"; {kind} (--model; "
+                     "train.py also takes --encoder-depth and --decoder-depth)")
+    raise CheckpointError("\n".join(lines))
+
+
+def load_ddt(path, config=None, ema=True, allow_pickle=False, ckpt=None):
+    """A DDT or an improved DiT from (a) this project's checkpoints (config inside; `ema` picks the EMA weights)
+    or (b) the released Lightning checkpoints of either (`state_dict` with `ema_denoiser.` / `denoiser.`
+    prefixes), which need `config`: a DDTConfig or a preset name (DDT-XL/2, iDiT-XL/2, ...). Strict: any
+    mismatch raises CheckpointError. `ckpt`: the contents of `path` if already read with load_checkpoint (a
+    released file is several GB)."""
+    ckpt = load_checkpoint(path, allow_pickle) if ckpt is None else ckpt
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise CheckpointError(f"unknown preset '{config}'; choose one of {', '.join(PRESETS)}")
+        config = PRESETS[config]
+    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # nanoDDT checkpoint
+        stored = DDTConfig(**ckpt["config"])
+        if config is not None and config != stored:
+            raise CheckpointError(f"'{path}' was trained with {asdict(stored)}, not {asdict(config)}; "
+                                  f"leave the model config out, it is stored in the checkpoint")
+        config, sd = stored, ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"]
+    elif isinstance(ckpt, dict) and "state_dict" in ckpt:  # released Lightning checkpoint
+        prefix = "ema_denoiser." if ema else "denoiser."
+        sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(f"'{path}' has no '{prefix}*' weights in its state_dict")
+        if config is None:
+            raise CheckpointError(f"'{path}' is a released checkpoint without a stored config: name the preset "
+                                  f"(--model DDT-XL/2, iDiT-XL/2, ...) or pass a DDTConfig; weights: "
+                                  f"{infer_config(sd)}")
+    else:
+        raise CheckpointError(f"'{path}' is neither a nanoDDT checkpoint (keys 'config', 'model') nor a released "
+                              f"Lightning checkpoint (key 'state_dict')")
+    model = DDT(config)
+    check_state_dict(model, sd, path)
+    return model.eval()
+
+
 
 # -----------------------------------------------------------------------------------------------
 # the SD-VAE: diffusers' AutoencoderKL (sd-vae-ft-ema and friends) in plain torch,
@@ -27,6 +114,51 @@ VAE_SCALE = 0.18215  # SD-VAE scaling factor: brings the latents to roughly unit
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def sampling_checkpoint(args):
+    """sample.py's --ckpt (with --model, --image-size, --vae, --allow-pickle of `args`), either kind: (ckpt, config
+    for load_ddt, info: latent_shape, scale, vae, class_names). Memory-mapped; the optimizer state (and REPA
+    projector) is dropped before anything reads it. A released checkpoint is an ImageNet model on SD-VAE latents."""
+    ckpt = load_checkpoint(args.ckpt, args.allow_pickle)
+    if isinstance(ckpt, dict) and "config" in ckpt:  # nanoDDT: config and data description inside
+        for key in ("optimizer", "projector"):
+            ckpt.pop(key, None)
+        d = ckpt.get("data") or {}
+        if not {"latent_shape", "scaling_factor"} <= d.keys():
+            raise SystemExit(f"error: '{args.ckpt}' has no 'data' entry with latent_shape and scaling_factor")
+        vae = str(d.get("vae", "none"))
+        if args.vae and vae != "none" and os.path.realpath(args.vae) != os.path.realpath(vae):
+            print(f"warning: --vae {args.vae} is not the VAE that '{args.ckpt}' was trained with ({vae}); the "
+                  f"samples are right only if the two are the same weights", file=sys.stderr)
+        return ckpt, args.model, dict(latent_shape=tuple(d["latent_shape"]), scale=d["scaling_factor"], vae=vae,
+                                      class_names=d.get("class_names"))
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:  # released: keep the weights, not the optimizer states
+        ckpt = {"state_dict": ckpt["state_dict"]}
+    # a released Lightning checkpoint (or not a checkpoint at all: load_ddt says so): ImageNet, SD-VAE latents
+    if args.model is None and "state_dict" in ckpt:
+        print(f"'{args.ckpt}' is a released checkpoint, which does not store its encoder/decoder split: assuming "
+              f"--model DDT-XL/2 (name the preset with --model)", file=sys.stderr)
+    config = args.model or "DDT-XL/2"
+    size = args.image_size // 8  # SD-VAE latents
+    return ckpt, config, dict(latent_shape=(PRESETS[config].in_channels, size, size), scale=VAE_SCALE,
+                              vae="sd-vae-ft-ema", class_names=None)
+
+
+def load_for_sampling(args, device):
+    """sample.py's model (EMA weights), its VAE (None in pixel space) and info (sampling_checkpoint's, and the
+    weights' digest) from --ckpt, --model, --vae; a SystemExit saying what is wrong with them."""
+    try:
+        ckpt, config, info = sampling_checkpoint(args)
+        if info["vae"] != "none" and args.vae is None:
+            raise SystemExit(f"error: '{args.ckpt}' is a latent model (its VAE: {info['vae']}): pass --vae PATH")
+        model = load_ddt(args.ckpt, config, ema=True, ckpt=ckpt)
+        del ckpt
+        info["digest"] = weights_digest(model)
+        vae = None if info["vae"] == "none" else load_vae(args.vae).to(device)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+    return model.to(device), vae, info
 
 
 def read_safetensors(path):
@@ -444,3 +576,18 @@ def load_dino(path, pos_rule="repa"):
                          f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(sd, strict=True)
     return model.float().eval().requires_grad_(False)
+
+
+def load_teacher(path, resolution, num_tokens, device):
+    """REPA's DINOv2 teacher from `path` (--dino), checked to give `num_tokens` tokens (the DDT's) for images of
+    `resolution` pixels; a SystemExit naming --dino otherwise."""
+    try:
+        teacher = load_dino(path).to(device)
+    except (OSError, ValueError, NotImplementedError) as e:
+        raise SystemExit(f"--dino: {e}") from None
+    with torch.no_grad():
+        n = teacher(torch.zeros(1, 3, resolution, resolution, device=device)).shape[1]
+    if n != num_tokens:
+        raise SystemExit(f"REPA needs as many DINOv2 tokens as DDT tokens: {n} from {resolution} px images vs "
+                         f"{num_tokens} of the DDT (latents / --patch-size, squared)")
+    return teacher

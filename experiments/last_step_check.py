@@ -5,20 +5,21 @@ Run from the repository root after the digits commands of the README (32 px digi
     OMP_NUM_THREADS=1 python -m experiments.last_step_check
 Output of the run behind RESULTS.md: assets/frontier/last_step_check.txt."""
 import torch
-import ddt
+import pretrained
 import sample
 from experiments.samplers import deviation, eval_batch
 
 
 def main():
     torch.set_num_threads(1)
-    m = ddt.load_ddt("runs/digits/ckpt.pt").eval()
+    m = pretrained.load_ddt("runs/digits/ckpt.pt").eval()
     noise, y = eval_batch(m, (3, 32, 32), 8, torch.device("cpu"))
     res = {}
     with torch.no_grad():
         for ls in (0.04, 0.001):
             for order in (1, 2):
-                res[ls, order] = sample.sample_loop(m, noise, y, 1000, order, cfg_scale=3.0, last_step=ls)
+                res[ls, order] = sample.sample_loop(m, noise, y, sample.Sampler(1000, order, cfg_scale=3.0,
+                                                                                last_step=ls))
                 print(ls, order, flush=True)
     for ls in (0.04, 0.001):
         print(f"last_step {ls}: Adams-2-1000 vs Euler-1000 deviation {deviation(res[ls, 2], res[ls, 1])[0]:.4f}")

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import ddt
 import evaluate
 import plumbing
 import sample
@@ -97,7 +96,7 @@ class Scorer:
         num_classes = int(max(yt.max(), yv.max())) + 1
         data = {"train": os.path.abspath(train_dir), "val": os.path.abspath(val_dir), "seed": seed}
         if os.path.exists(path):
-            ckpt = ddt.load_checkpoint(path)
+            ckpt = plumbing.load_checkpoint(path)
             if ckpt.get("data") != data:
                 raise SystemExit(f"{path} is a classifier of {ckpt.get('data')}, not of {data}: delete it or pass "
                                  f"another --classifier")
@@ -115,14 +114,12 @@ class Scorer:
         return score(self.clf, x, y, self.ref)
 
 
-def draw(model, shape, num_samples, num_steps, order=2, cfg_scale=1.0, encoder_steps=None, seed=0, batch=250,
-         stats=None):
+def draw(model, shape, num_samples, sampler, encoder_steps=None, seed=0, batch=250, watch=None):
     """(samples (n, *shape) float32, labels (n,)): `num_samples` images, the classes in turn (balanced), the noise
-    of sample i from (seed, i) (sample.sample_noise), so every model and setting gets the same noise."""
+    of sample i from (seed, i) (sample.image_noise), so every model and setting gets the same noise."""
     y = torch.arange(num_samples) % model.cfg.num_classes
     out = []
     for s in range(0, num_samples, batch):
-        noise = sample.sample_noise(seed, range(s, min(s + batch, num_samples)), shape)
-        out.append(sample.sample_loop(model, noise, y[s:s + batch], num_steps, order, cfg_scale=cfg_scale,
-                                      encoder_steps=encoder_steps, stats=stats).float())
+        noise = sample.image_noise(seed, range(s, min(s + batch, num_samples)), shape)[0]
+        out.append(sample.sample_loop(model, noise, y[s:s + batch], sampler, encoder_steps, watch=watch).float())
     return torch.cat(out), y

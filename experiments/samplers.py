@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -28,8 +29,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import ddt
 import plumbing
+import pretrained
 import sample
-import train
+from sample import Sampler
 from bench import timed
 from experiments import quality
 
@@ -47,16 +49,17 @@ def spread(values, fmt=".4f"):
     return f"{m:{fmt}} ± {(sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5:{fmt}}"
 
 
-def timed_sample(model, device, autocast, *args, **kwargs):
-    """(sample_loop's float32 result, seconds, its stats)."""
-    stats = {}
-    x, secs = timed(device, autocast, lambda: sample.sample_loop(model, *args, stats=stats, **kwargs))
-    return x.float(), secs, stats
+def timed_sample(model, device, autocast, noise, y, sampler, encoder_steps=None, generators=None):
+    """(sample_loop's float32 result, seconds, a Counter of the images through the encoder and the decoder)."""
+    count = Counter()
+    x, secs = timed(device, autocast, lambda: sample.sample_loop(model, noise, y, sampler, encoder_steps, generators,
+                                                                 sample.count_evals(count)))
+    return x.float(), secs, count
 
 
 def eval_batch(model, shape, batch, device):
     """The batch the tables sample: noise of seed 1000 (not the calibration batch's seed 0), labels spread."""
-    noise = sample.sample_noise(1000, range(batch), shape).to(device)
+    noise = sample.image_noise(1000, range(batch), shape)[0].to(device)
     return noise, torch.tensor([i * model.cfg.num_classes // batch for i in range(batch)], device=device)
 
 
@@ -69,22 +72,22 @@ def sharing_table(models, shape, device, precision, num_steps, ks, batch, cfg_sc
     time as a fraction of the unshared sampling of the batch; each as mean ± sd over `models` (models of the same
     data and config, trained with other seeds)."""
     N = num_steps
-    autocast = train.precision_context(device, precision)
+    autocast = plumbing.autocast(device, precision)
     rows = {}  # (k, name) -> per model (cosine cost, dev, worst, speedup, ideal, calibration, steps)
     for m, model in enumerate(models):
         E, D = model.cfg.encoder_depth, model.cfg.decoder_depth
         noise, y = eval_batch(model, shape, batch, device)
 
         def run(steps):  # (samples, fastest of `repeats` runs after a warm-up, block evaluations)
-            timed_sample(model, device, autocast, noise[:2], y[:2], 3)
-            runs = [timed_sample(model, device, autocast, noise, y, N, cfg_scale=cfg_scale, encoder_steps=steps)
+            timed_sample(model, device, autocast, noise[:2], y[:2], Sampler(3))
+            runs = [timed_sample(model, device, autocast, noise, y, Sampler(N, cfg_scale=cfg_scale), steps)
                     for _ in range(repeats)]
             stats = runs[0][2]
-            return runs[0][0], min(r[1] for r in runs), E * stats["encoder_evals"] + D * stats["decoder_evals"]
+            return runs[0][0], min(r[1] for r in runs), E * stats["encoder"] + D * stats["decoder"]
 
         ref, t_ref, work_ref = run(None)
-        cos, t_cos = timed(device, autocast, lambda: sample.measure_sharing_cost(model, N, shape, device=device,
-                                                                                 cfg_scale=cfg_scale))
+        cos, t_cos = timed(device, autocast, lambda: sample.measure_sharing_cost(model, Sampler(N, cfg_scale=cfg_scale),
+                                                                                 shape))
         found = {}
         for k in ks:
             t_ref = min(t_ref, run(None)[1])  # the unshared time too is the fastest of all its runs
@@ -124,14 +127,14 @@ def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, re
     one brings it closer to the exact ODE solution.
     Then, per solver, the cheapest setting (in block evaluations) whose mean deviation is at most Euler's
     at the largest N."""
-    autocast = train.precision_context(device, precision)
+    autocast = plumbing.autocast(device, precision)
     rows = {}  # (solver, N, K) -> per model (deviation, blocks per image, seconds)
     for m, model in enumerate(models):
         E, D = model.cfg.encoder_depth, model.cfg.decoder_depth
         noise, y = eval_batch(model, shape, batch, device)
-        timed_sample(model, device, autocast, noise[:2], y[:2], 3)  # warm-up
-        ref, secs, _ = timed_sample(model, device, autocast, noise, y, reference_steps, cfg_scale=cfg_scale,
-                                    last_step=reference_last_step)
+        timed_sample(model, device, autocast, noise[:2], y[:2], Sampler(3))  # warm-up
+        ref, secs, _ = timed_sample(model, device, autocast, noise, y, Sampler(
+            reference_steps, cfg_scale=cfg_scale, last_step=reference_last_step))
         print(f"model {m + 1}: the {reference_steps}-step Euler reference took {secs:.1f}s")
         for N in step_counts:
             for name, order in SOLVERS.items():
@@ -139,12 +142,11 @@ def frontier(models, shape, device, precision, step_counts, batch, cfg_scale, re
                     steps = None
                     if k < N:
                         with autocast:
-                            cost = sample.measure_sharing_cost(model, N, shape, device=device, order=order,
-                                                               cfg_scale=cfg_scale)
+                            cost = sample.measure_sharing_cost(model, Sampler(N, order, cfg_scale=cfg_scale), shape)
                         steps = sample.solve_sharing(cost, k)
-                    x, secs, stats = timed_sample(model, device, autocast, noise, y, N, order, cfg_scale=cfg_scale,
-                                                  encoder_steps=steps)
-                    blocks = (E * stats["encoder_evals"] + D * stats["decoder_evals"]) / batch
+                    x, secs, stats = timed_sample(model, device, autocast, noise, y,
+                                                  Sampler(N, order, cfg_scale=cfg_scale), steps)
+                    blocks = (E * stats["encoder"] + D * stats["decoder"]) / batch
                     rows.setdefault((name, N, k), []).append((deviation(x, ref)[0], blocks, secs))
     print(f"reference: Euler, {reference_steps} steps, last step {reference_last_step}")
     print(f"| solver | N | K | blocks per image | deviation from Euler-{reference_steps} | time (s) |")
@@ -172,7 +174,7 @@ def sde_check(models, shape, device, precision, num_steps, data_dir, per_class, 
     class is the one asked for, and the mean RMS distance to that nearest training image; mean ± sd over
     `models`. A first row gives the same for the training images themselves, each without itself (leave one
     out): how well the classifier does on real data, and how far apart real images are."""
-    autocast = train.precision_context(device, precision)
+    autocast = plumbing.autocast(device, precision)
     with open(os.path.join(data_dir, "meta.json")) as f:
         scale = json.load(f)["scaling_factor"]
     valid = np.load(os.path.join(data_dir, "valid.npy"))
@@ -196,8 +198,8 @@ def sde_check(models, shape, device, precision, num_steps, data_dir, per_class, 
         y = torch.arange(model.cfg.num_classes, device=device).repeat_interleave(per_class)
         for rule in ("none", *sample.SDE_RULES):
             noise, gens = sample.image_noise(2000, range(len(y)), shape)
-            x = timed_sample(model, device, autocast, noise.to(device), y, num_steps, 1, rule, gens,
-                             cfg_scale=cfg_scale)[0].flatten(1)
+            x = timed_sample(model, device, autocast, noise.to(device), y,
+                             Sampler(num_steps, 1, rule, cfg_scale=cfg_scale), None, gens)[0].flatten(1)
             rows.setdefault("ode" if rule == "none" else rule, []).append(classify(x, y))
     print(f"| step rule (N = {num_steps}) | class of the nearest training image = class asked (%) | "
           f"RMS distance to it |")
@@ -249,8 +251,8 @@ QUALITY_SOLVERS = {"Euler": 1, "Adams-2": 2}
 
 
 def encoder_share(cfg, H, W):
-    """The encoder's share of one step's forward FLOPs (train.flops_per_image without and with the encoder)."""
-    return 1 - train.flops_per_image(replace(cfg, encoder_depth=0), H, W) / train.flops_per_image(cfg, H, W)
+    """The encoder's share of one step's forward FLOPs (ddt.flops_per_image without and with the encoder)."""
+    return 1 - ddt.flops_per_image(replace(cfg, encoder_depth=0), H, W) / ddt.flops_per_image(cfg, H, W)
 
 
 def quality_settings(N):
@@ -268,7 +270,7 @@ def quality_frontier(paths, models, shape, device, precision, step_counts, num_s
     evaluations per image. Each entry goes to `out_path` (JSON) as it is made, and a rerun skips those there, so
     the run resumes. With `repeats`, the seconds of a batch of `time_batch` images, the fastest of `repeats` runs,
     on the first model (time it with nothing else running). Returns the JSON's dict."""
-    autocast = train.precision_context(device, precision)
+    autocast = plumbing.autocast(device, precision)
     res = {"entries": {}, "times": {}, "time_batch": time_batch}
     if os.path.exists(out_path):
         with open(out_path) as f:
@@ -299,8 +301,8 @@ def quality_frontier(paths, models, shape, device, precision, step_counts, num_s
                     elif name == "dp":
                         if cost is None:
                             with autocast:
-                                cost = sample.measure_sharing_cost(model, N, shape, device=device, order=order,
-                                                                   cfg_scale=cfg_scale)
+                                cost = sample.measure_sharing_cost(model, Sampler(N, order, cfg_scale=cfg_scale),
+                                                                   shape)
                         steps = sample.solve_sharing(cost, k)
                     elif name == "uniform":
                         steps = sample.uniform_schedule(N, k)
@@ -310,18 +312,19 @@ def quality_frontier(paths, models, shape, device, precision, step_counts, num_s
                     if twin:
                         res["entries"][key] = dict(twin)
                     elif key not in res["entries"]:
-                        stats = {}
+                        stats = Counter()
                         with autocast:
-                            x, y = quality.draw(model, shape, num_samples, N, order, cfg_scale, steps, stats=stats)
+                            x, y = quality.draw(model, shape, num_samples, Sampler(N, order, cfg_scale=cfg_scale),
+                                                steps, watch=sample.count_evals(stats))
                         res["entries"][key] = scorer.score(x, y) | {
-                            "blocks": (E * stats["encoder_evals"] + D * stats["decoder_evals"]) / num_samples,
+                            "blocks": (E * stats["encoder"] + D * stats["decoder"]) / num_samples,
                             "steps": steps}
                         print(f"{key}: {res['entries'][key]['fd']:.2f} FD, {res['entries'][key]['agreement']:.1f}%",
                               flush=True)
                     if timing:
                         noise, y = eval_batch(model, shape, time_batch, device)
                         res["times"][key.split("|", 1)[1]] = min(timed_sample(
-                            model, device, autocast, noise, y, N, order, cfg_scale=cfg_scale, encoder_steps=steps)[1]
+                            model, device, autocast, noise, y, Sampler(N, order, cfg_scale=cfg_scale), steps)[1]
                             for _ in range(repeats))
                     save()
     return res
@@ -409,9 +412,9 @@ def load_models(paths, device):
     models, shapes = [], set()
     for path in paths:
         try:
-            ckpt = ddt.load_checkpoint(path)
-            models.append(ddt.load_ddt(path, ckpt=ckpt).to(device).eval())
-        except (OSError, ddt.CheckpointError) as e:
+            ckpt = plumbing.load_checkpoint(path)
+            models.append(pretrained.load_ddt(path, ckpt=ckpt).to(device).eval())
+        except (OSError, plumbing.CheckpointError) as e:
             raise SystemExit(f"--ckpt: {e}") from None
         if not models[-1].cfg.decoder_depth:
             raise SystemExit(f"--ckpt {path} is an improved DiT (decoder_depth 0): no encoder to share")
@@ -456,14 +459,14 @@ def main(argv=None):
         p.error("--quality needs --train-data and --val-data")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision, _ = train.autocast_for(args, device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     models, shape = load_models(args.ckpt, device)
     if args.frontier:
         frontier(models, shape, device, precision, args.num_steps, args.batch_size, args.cfg_scale,
                  args.reference_steps, args.reference_last_step)
     elif args.heatmap:
         N, k = args.num_steps[0], args.encoder_steps[0]
-        cost = sample.measure_sharing_cost(models[0], N, shape, device=device, cfg_scale=args.cfg_scale)
+        cost = sample.measure_sharing_cost(models[0], Sampler(N, cfg_scale=args.cfg_scale), shape)
         dp, uni = heatmap(args.heatmap, cost, k, f"{args.ckpt[0]}: N = {N}, guidance {args.cfg_scale}")
         print(f"wrote {args.heatmap}; K = {k}: DP {dp}, uniform {uni}")
     elif args.quality:

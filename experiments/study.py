@@ -32,6 +32,8 @@ import numpy as np
 
 import ddt
 import plumbing
+import prepare_latents
+import pretrained
 import sample
 import train
 from experiments import quality
@@ -142,12 +144,16 @@ def run_quality(run_dir, scorer, num_samples, num_steps, seed=0):
     """The sample quality of a run's final EMA model (Scorer.score of `num_samples` Adams-2 samples of
     `num_steps` steps, no guidance), kept in RUN/quality.json so that a rerun does not sample again."""
     path, ckpt = os.path.join(run_dir, "quality.json"), os.path.join(run_dir, "ckpt.pt")
-    model = ddt.load_ddt(ckpt).eval()
+    model = pretrained.load_ddt(ckpt).eval()
     key = json.dumps(dict(num_samples=num_samples, num_steps=num_steps, seed=seed, bytes=os.path.getsize(ckpt)))
-    cache = sample.read_json(path)
+    cache = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            cache = json.load(f)
     if key not in cache:
-        meta = ddt.load_checkpoint(ckpt)["data"]
-        x, y = quality.draw(model, tuple(meta["latent_shape"]), num_samples, num_steps, order=2, seed=seed)
+        meta = plumbing.load_checkpoint(ckpt)["data"]
+        x, y = quality.draw(model, tuple(meta["latent_shape"]), num_samples, sample.Sampler(num_steps, order=2),
+                            seed=seed)
         cache[key] = scorer.score(x, y)
         with plumbing.atomic_write(path, "w") as f:
             json.dump(cache, f)
@@ -324,7 +330,7 @@ def main(argv=None):
     args = get_args(argv)
     if any(not 1 <= e <= args.depth for e in args.encoder_depths):
         raise SystemExit(f"--encoder-depths must lie in 1..--depth ({args.depth}), got {args.encoder_depths}")
-    meta = train.read_meta(args.data, "--data")
+    meta = prepare_latents.read_meta(args.data, "--data")
 
     results, flags = [], {}
     for e in dict.fromkeys(args.encoder_depths):
@@ -333,7 +339,7 @@ def main(argv=None):
                  "--patch-size", str(args.patch_size)]
         cfg = train.model_config(train.get_args(["--data", args.data, "--out-dir", "-", *model]), meta)
         check_width(cfg)
-        results.append(dict(name=config_name(cfg), **asdict(cfg), gflops=train.flops_per_image(
+        results.append(dict(name=config_name(cfg), **asdict(cfg), gflops=ddt.flops_per_image(
             cfg, *meta["latent_shape"][1:]) / 1e9, params=sum(p.numel() for p in ddt.DDT(cfg).parameters())))
         flags[results[-1]["name"]] = model
     run_dir = {(r["name"], seed): os.path.join(args.out_dir, "runs", f"{r['name']}_seed{seed}")
