@@ -713,6 +713,20 @@ def val_loss(model, val, device, precision="fp32"):
     return {"loss": sum(per_t) / T, "loss_t": per_t}
 
 
+def checkpoint_val_loss(path, val, device, precision):
+    """train.py --eval-only: the validation record (val_record) of a project checkpoint's raw and EMA weights,
+    printed by rank 0 and returned; writes nothing."""
+    try:
+        ckpt = plumbing.load_checkpoint(path)
+        raw_model, ema = (pretrained.load_ddt(path, ema=e, ckpt=ckpt).to(device) for e in (False, True))
+    except (OSError, ValueError) as e:  # pretrained.CheckpointError is a ValueError
+        raise SystemExit(f"--eval-only: {e}") from None
+    rec = val_record(ckpt["step"], raw_model, ema, val, device, precision)
+    if plumbing.rank_world()[0] == 0:
+        print(plumbing.format_record(rec), flush=True)
+    return rec
+
+
 def val_record(step, raw_model, ema, val, device, precision):
     """The log record of a validation: the raw and the EMA model's loss, their per-time means, the set's size."""
     t0 = time.time()

@@ -78,20 +78,41 @@ def atomic_write(path, mode="wb"):
 
 
 def check_writable(*outputs):
-    """Stop before any work unless each output can be written: `outputs` are (flag, path or None) pairs; a path's
-    folder must exist and take a file (tried with a temporary file, removed)."""
+    """Stop before any work unless each output can be written: `outputs` are (flag, path or None) pairs of files;
+    a file's folder must exist and take a new file (tried with a temporary file, removed)."""
     for flag, path in outputs:
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
-            raise SystemExit(f"error: {flag} {path}: folder {folder} does not exist; create it or pick another")
-        if folder:
-            try:
-                with open(os.path.join(folder, f".write_test{os.getpid()}"), "w"):
-                    pass
-                os.remove(os.path.join(folder, f".write_test{os.getpid()}"))
-            except OSError as e:
-                raise SystemExit(f"error: {flag} {path}: cannot write in {folder} ({e.strerror}); pick another "
-                                 f"place") from None
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                refuse(f"error: {flag} {path}: folder {folder} does not exist; create it or pick another")
+            try_write(flag, path, folder)
+
+
+def check_writable_dir(flag, path):
+    """Stop before any work unless the folder `path` can be written, or made where it does not exist yet (its
+    nearest existing parent must take a new file); nothing is made."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        refuse(f"error: {flag} {path}: {folder} is a file, not a folder; pick another {flag}")
+    try_write(flag, path, folder)
+
+
+def try_write(flag, path, folder):
+    test = os.path.join(folder, f".nanoddt_write_test{os.getpid()}")
+    try:
+        with open(test, "w"):
+            pass
+        os.remove(test)
+    except OSError as e:
+        refuse(f"error: {flag} {path}: cannot write in {folder} ({e.strerror}); pick another place")
+
+
+def refuse(message):
+    """Stop a script with `message` (exit status 1), printed by rank 0 only: for refusals that every rank of a
+    torchrun job makes alike (a flag, the dataset), so the message is read once (rank from torchrun's RANK)."""
+    raise SystemExit(message if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 def json_cache(paths, key, compute):
@@ -396,7 +417,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(description=description, formatter_class=HelpFormatter)
 
     def error(self, message):
-        raise SystemExit(f"{self.prog}: error: {message} (--help lists the flags)")
+        refuse(f"{self.prog}: error: {message} (--help lists the flags)")
 
 
 def number(kind=float, lo=None, hi=None, open_lo=False, open_hi=False):
@@ -553,6 +574,38 @@ def stop_requested(received, device):
     s = torch.tensor([max(received, default=0)], device=device)
     dist.all_reduce(s, op=dist.ReduceOp.MAX)
     return int(s.item())
+
+
+def resume_run(out_dir, checks, modules, opt, hyper, device):
+    """The step of OUT/ckpt.pt, 0 if there is none, for every rank (they must agree: a node-local --out-dir would
+    not). The checkpoint must hold for each key of `checks` the value given (key: (value, what to do if not);
+    a checkpoint without the key passes); then each of `modules` (key: nn.Module or None) loads its state and
+    `opt` its own, with `hyper` (lr, betas, ...) in place of the stored values. Rank 0 also makes OUT/samples/
+    and trims OUT/log.jsonl to the step (the later lines are redone)."""
+    path, step = os.path.join(out_dir, "ckpt.pt"), 0
+    if os.path.exists(path):
+        try:
+            ckpt = load_checkpoint(path)
+        except ValueError as e:
+            raise SystemExit(f"cannot resume: {e}\nMove {path} away to start over, or copy a kept ckpt_STEP.pt "
+                             f"(--keep-every) in its place.") from None
+        for key, (wanted, fix) in checks.items():
+            if ckpt.get(key, wanted) != wanted:
+                raise SystemExit(f"{path} was trained with {key} {ckpt[key]}, but the flags give {wanted}: {fix}")
+        for key, module in modules.items():
+            if module is not None:
+                module.load_state_dict(ckpt[key])
+        for group in ckpt["optimizer"]["param_groups"]:  # `fused` must be this device's before loading: it decides
+            group.update(hyper, fused=opt.defaults["fused"])  # where the step counts go (CPU-saved, GPU-resumed)
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    if rank_world()[0] == 0:
+        if step:
+            print(f"resumed {path} at step {step}")
+        os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+        truncate_log(os.path.join(out_dir, "log.jsonl"), step)
+    return same_on_all_ranks(step, device, "ranks resumed from different steps ({lo} to {hi}): --out-dir "
+                             f"{out_dir} must be one folder that all nodes share")
 
 
 def stop_if_signalled(received, device, step, saved, save):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddt import DDT, PRESETS, DDTConfig
-from plumbing import CheckpointError, load_checkpoint, weights_digest
+from plumbing import CheckpointError, all_gather, load_checkpoint, weights_digest
 
 # -----------------------------------------------------------------------------------------------
 # DDT weights from this project's checkpoints or the released Lightning files, loaded strictly with messages that
@@ -147,7 +147,8 @@ def sampling_checkpoint(args):
 
 def load_for_sampling(args, device):
     """sample.py's model (EMA weights), its VAE (None in pixel space) and info (sampling_checkpoint's, and the
-    weights' digest) from --ckpt, --model, --vae; a SystemExit saying what is wrong with them."""
+    weights' digest) from --ckpt, --model, --vae; a SystemExit saying what is wrong with them. Every rank must
+    hold the same weights: a checkpoint rewritten while the ranks load it would mix two models in one .npz."""
     try:
         ckpt, config, info = sampling_checkpoint(args)
         if info["vae"] != "none" and args.vae is None:
@@ -158,6 +159,12 @@ def load_for_sampling(args, device):
         vae = None if info["vae"] == "none" else load_vae(args.vae).to(device)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
+    if args.encoder_steps is not None and not model.cfg.decoder_depth:
+        raise SystemExit(f"error: --encoder-steps: '{args.ckpt}' is an improved DiT (decoder_depth 0): it has no "
+                         f"encoder/decoder split, so there is no z to share; leave --encoder-steps out")
+    if len(set(all_gather(info["digest"]))) > 1:
+        raise SystemExit(f"error: the ranks read different weights from '{args.ckpt}' (was it rewritten while "
+                         f"they loaded it?); rerun when it no longer changes, or sample from a copy")
     return model.to(device), vae, info
 
 

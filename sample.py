@@ -1,19 +1,17 @@
 """
-Sample images from a DDT with the released samplers (Euler, its stochastic step rules, and the Adams linear
-multistep solver of order 1-3, all one loop), classifier-free guidance on an interval, and encoder sharing: the
-condition encoder runs at K of the N steps, chosen by a dynamic program, and the other steps reuse its z.
+Sample images from a DDT with the released samplers (Euler, its stochastic step rules, Adams of order 1-3: one
+loop), classifier-free guidance on an interval, and encoder sharing: the condition encoder runs at K of the N
+steps, chosen by a dynamic program, and the other steps reuse its z.
 
     python sample.py --ckpt runs/toy/ckpt.pt --num-samples 16 --out grid.png               # a project checkpoint
     python sample.py --ckpt ddt_xl_256.ckpt --model DDT-XL/2 --vae sd-vae-ft-ema \\
         --classes 207 360 387 974 --cfg-scale 2.0 --out grid.png                            # released weights
     torchrun --nproc_per_node 8 sample.py --ckpt ddt_xl_256.ckpt --model DDT-XL/2 --vae sd-vae-ft-ema \\
         --num-samples 50000 --cfg-scale 2.0 --encoder-steps 125 --npz samples.npz           # ADM evaluator input
-    python sample.py --ckpt runs/toy/ckpt.pt --solver adams --order 2 --num-steps 100 --encoder-steps 50
 
-The file reads: the time grid, guidance and noise; Sampler (the settings) and sample_loop (the one loop);
-encoder sharing (the DP, its cost); images out; the command line. The noise of sample i depends only on
-(--seed, i), so the images do not depend on the number of ranks (nor, on the CPU, on the batch size). With
---npz, finished batches go to NPZ_parts/ and a rerun skips them (docs/reliability.md).
+The file reads: the time grid, guidance and noise; Sampler (the settings) and sample_loop (the loop); encoder
+sharing (the DP and its cost); the command line. Sample i's noise depends only on (--seed, i), so the images do
+not depend on the number of ranks; with --npz, finished batches are kept and a rerun resumes.
 """
 
 import hashlib
@@ -151,7 +149,7 @@ def sample_loop(model, noise, y, sampler=Sampler(), encoder_steps=None, generato
         n = 2 * B if both[i] else B
         v, z_i, _ = model(torch.cat([x, x]) if both[i] else x, t[i].repeat(n), y2[:n],
                           None if encoder_runs[i] else z[:n])
-        z = z_i if encoder_runs[i] else z  # (n, N, D), reused until the next encoder step
+        z = z_i if encoder_runs[i] else z  # (n, tokens, D), reused until the next encoder step
         if watch is not None:
             watch(i, n, z_i if encoder_runs[i] else None)
         v = v.float()  # guidance and the step in float32, also under bf16 autocast
@@ -309,7 +307,7 @@ def main(argv=None):
 def run(args, sampler, device, received):
     """Load the model, choose the encoder steps, sample this rank's batches (resumable), gather and write."""
     rank, world = plumbing.rank_world()
-    model, vae, info = load_model(args, device)
+    model, vae, info = pretrained.load_for_sampling(args, device)
     K = model.cfg.num_classes
     classes = args.classes if args.classes is not None else list(range(K))
     if bad := [c for c in classes if not 0 <= c < K]:
@@ -373,20 +371,6 @@ def sample_batches(model, vae, info, parts, labels, schedule, args, received):
         else:
             kept.update(zip(range(s, e), img))
     return kept, count
-
-
-def load_model(args, device):
-    """(model with the EMA weights, VAE or None in pixel space, info: latent_shape, scale, class_names, digest),
-    checked: every rank must hold the same weights (a checkpoint rewritten while the ranks load it would mix two
-    models in one .npz)."""
-    model, vae, info = pretrained.load_for_sampling(args, device)
-    if args.encoder_steps is not None and not model.cfg.decoder_depth:
-        raise SystemExit(f"error: --encoder-steps: '{args.ckpt}' is an improved DiT (decoder_depth 0): it has no "
-                         f"encoder/decoder split, so there is no z to share; leave --encoder-steps out")
-    if len(set(plumbing.all_gather(info["digest"]))) > 1:
-        raise SystemExit(f"error: the ranks read different weights from '{args.ckpt}' (was it rewritten while "
-                         f"they loaded it?); rerun when it no longer changes, or sample from a copy")
-    return model, vae, info
 
 
 def sharing_schedule(args, sampler, model, latent_shape, cache_dirs):

@@ -18,7 +18,6 @@ exactly. With --val-data, a deterministic validation loss of the raw and EMA wei
 a run safe (one run per folder, stop signals, resume checks) is below the loop and in docs/reliability.md.
 """
 
-import argparse
 import copy
 import math
 import os
@@ -43,10 +42,10 @@ import sample
 # data: the memmapped dataset written by prepare_latents.py
 
 
-class LatentBatches:
-    """Batch s of a rank: a fixed permutation of the valid rows per epoch (seeded by the epoch), cut into global
-    batches; rank r takes the r-th contiguous slice (`part`) of its step's global batch. A function of the step
-    alone, so a resumed run reads what an uninterrupted one would."""
+class LatentBatches(torch.utils.data.Dataset):
+    """Item s: this rank's batch of step s. A fixed permutation of the valid rows per epoch (seeded by the epoch),
+    cut into global batches; rank r takes the r-th contiguous slice (`part`) of its step's global batch. A function
+    of the step alone, so a resumed run reads what an uninterrupted one would."""
 
     def __init__(self, data_dir, global_batch, rank, world, seed, need_images):
         self.meta = prepare_latents.read_meta(data_dir)
@@ -63,7 +62,7 @@ class LatentBatches:
         self.latents = self.flipped = self.images = None  # opened lazily, once per worker process
         self.epoch, self.order = None, None
 
-    def __call__(self, step):
+    def __getitem__(self, step):
         self.open()
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self.epoch:
@@ -96,19 +95,6 @@ def read_rows(array, rows):
     """array[rows], read from the memmap in sorted order (faster on disk), returned in `rows`' order."""
     idx, back = np.unique(rows, return_inverse=True)
     return array[idx][back]
-
-
-class StepDataset(torch.utils.data.Dataset):
-    """Item k is the batch of step start + k, so DataLoader workers prefetch the coming steps."""
-
-    def __init__(self, batches, start, stop):
-        self.batches, self.start, self.stop = batches, start, stop
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __getitem__(self, k):
-        return self.batches(self.start + k)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -226,9 +212,9 @@ def train(args, val, device, received):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if args.compile:  # compiling the DDP module lets dynamo split the graph at buckets: all-reduce overlaps
         model = torch.compile(model)
-    loader = torch.utils.data.DataLoader(StepDataset(data, step, args.max_steps), batch_size=None,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if args.num_workers else None,
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(step, args.max_steps),  # workers
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",  # prefetch
+                                         prefetch_factor=4 if args.num_workers else None,  # the coming steps
                                          worker_init_fn=plumbing.ignore_stop_signals)
     log, sums = plumbing.RunLog(os.path.join(args.out_dir, "log.jsonl"), step, args.max_steps), torch.zeros(4, device=device)
     log.print(describe_run(args, cfg, raw_model, data, val, step))
@@ -273,8 +259,8 @@ def main(argv=None):
         if args.global_batch_size % (world * args.grad_accum):
             raise SystemExit(f"--global-batch-size {args.global_batch_size} must divide by ranks x --grad-accum "
                              f"= {world * args.grad_accum}")
-        if args.eval_only:
-            return eval_only(args, val, device)
+        if args.eval_only:  # the val loss of OUT/ckpt.pt, printed; nothing written
+            return evaluate.checkpoint_val_loss(os.path.join(args.out_dir, "ckpt.pt"), val, device, args.precision)
         if rank == 0:
             lock = plumbing.lock_run_dir(args.out_dir, "train.py", ("ckpt*.pt", "log.jsonl", "samples/*.png"))
         with plumbing.stop_signals() as received:
@@ -300,6 +286,7 @@ def save_checkpoint(args, step, student, ema, opt, meta):
             "projector": student.projector.state_dict() if student.projector is not None else {},
             "step": step, "config": asdict(student.model.cfg), "args": vars(args) | {"betas": list(args.betas)},
             "data_order": {"global_batch_size": args.global_batch_size, "seed": args.seed},
+            "repa": student.projector is not None,
             "data": {k: meta[k] for k in ("scaling_factor", "vae", "latent_shape", "resolution",
                                            "num_classes", "class_names")}}
     plumbing.save_atomic(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
@@ -407,64 +394,20 @@ def build(cfg, teacher, args, device):
 
 
 def resume_or_start(args, student, ema, opt, device):
-    """The step to start from: that of OUT/ckpt.pt, loaded (model, projector, EMA, AdamW) after checking that it is
-    this run's, or 0. Rank 0 also trims log.jsonl to it; every rank must find the same step."""
-    ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
-    if os.path.exists(ckpt_path):
-        step = resume(ckpt_path, args, student, ema, opt)
-    if plumbing.rank_world()[0] == 0:
-        if step:
-            print(f"resumed {ckpt_path} at step {step}")
-        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-        plumbing.truncate_log(os.path.join(args.out_dir, "log.jsonl"), step)
-    plumbing.same_on_all_ranks(step, device, "ranks resumed from different steps ({lo} to {hi}): --out-dir "
-                               f"{args.out_dir} must be one folder that all nodes share")
-    if step > args.max_steps:
-        raise SystemExit(f"{ckpt_path} is at step {step}, past --max-steps {args.max_steps}; raise --max-steps to "
-                         f"train on, or use another --out-dir")
-    return step
-
-
-def resume(ckpt_path, args, student, ema, opt):
-    """Load OUT/ckpt.pt into the model, the REPA projector, the EMA and AdamW after checking that it is this run's
-    (data order, model, REPA); returns its step."""
-    try:
-        ckpt = plumbing.load_checkpoint(ckpt_path)
-    except ValueError as e:
-        raise SystemExit(f"cannot resume: {e}\nMove {ckpt_path} away to start over, or copy a kept "
-                         f"ckpt_STEP.pt (--keep-every) in its place.") from None
+    """The step to start from: that of OUT/ckpt.pt, whose model, REPA projector, EMA and AdamW state are loaded
+    after checking that it is this run's (plumbing.resume_run), or 0."""
     order = {"global_batch_size": args.global_batch_size, "seed": args.seed}
-    for what, stored, flags, fix in (
-            ("data order", ckpt.get("data_order", order), order, "resume with the same --global-batch-size and "
-                                                                 "--seed, so that the data order continues"),
-            ("model", ckpt["config"], asdict(student.model.cfg), "use the same model flags, or another --out-dir"),
-            ("REPA", bool(ckpt.get("projector")), student.projector is not None, "resume with --dino if and only "
-                                                                                 "if the run had it")):
-        if stored != flags:
-            raise SystemExit(f"{ckpt_path} was trained with {what} {stored}, but the flags give {flags}: {fix}")
-    student.model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    if student.projector is not None:
-        student.projector.load_state_dict(ckpt["projector"])
-    for group in ckpt["optimizer"]["param_groups"]:  # the flags win over the stored hyperparameters (a lower
-        # --lr), and `fused` must be this device's before loading: it decides where the step counts go
-        group.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay, fused=opt.defaults["fused"])
-    opt.load_state_dict(ckpt["optimizer"])
-    return ckpt["step"]
-
-
-def eval_only(args, val, device):
-    """--eval-only: the validation loss of OUT/ckpt.pt, raw and EMA weights, printed by rank 0; writes nothing."""
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    try:
-        ckpt = plumbing.load_checkpoint(ckpt_path)
-        raw_model, ema = (pretrained.load_ddt(ckpt_path, ema=e, ckpt=ckpt).to(device) for e in (False, True))
-    except (OSError, ValueError) as e:  # pretrained.CheckpointError is a ValueError
-        raise SystemExit(f"--eval-only: {e}") from None
-    rec = evaluate.val_record(ckpt["step"], raw_model, ema, val, device, args.precision)
-    if plumbing.rank_world()[0] == 0:
-        print(plumbing.format_record(rec), flush=True)
-    return rec
+    checks = {"data_order": (order, "resume with the same --global-batch-size and --seed, so that the data order "
+                                    "continues"),
+              "config": (asdict(student.model.cfg), "use the same model flags, or another --out-dir"),
+              "repa": (student.projector is not None, "resume with --dino if and only if the run had it")}
+    modules = {"model": student.model, "ema": ema, "projector": student.projector}
+    hyper = dict(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)  # the flags win (a lower --lr)
+    step = plumbing.resume_run(args.out_dir, checks, modules, opt, hyper, device)
+    if step > args.max_steps:
+        raise SystemExit(f"{args.out_dir}/ckpt.pt is at step {step}, past --max-steps {args.max_steps}; raise "
+                         f"--max-steps to train on, or use another --out-dir")
+    return step
 
 
 def describe_run(args, cfg, model, data, val, step):
