@@ -17,7 +17,6 @@ but torch for the pairwise distances of precision/recall, which run on the GPU w
 batches; then train.py's validation loss on held-out latents; the command line.
 """
 
-import argparse
 import glob
 import json
 import math
@@ -740,21 +739,21 @@ def val_record(step, raw_model, ema, val, device, precision):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall (the ADM evaluator) and FD_DINOv2.",
-                                formatter_class=plumbing.HelpFormatter)
+    p = plumbing.ArgumentParser("FID, sFID, IS, precision, recall (the ADM evaluator) and FD_DINOv2.")
     p.add_argument("ref", nargs="?", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("samples", nargs="?", help="samples .npz (arr_0 uint8 (N, H, W, 3), e.g. from sample.py --npz)")
     p.add_argument("--inception", required=True, help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
                                                       "or pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--dino", help="dinov2_vitl14_pretrain.pth: also compute FD_DINOv2")
-    p.add_argument("--batch-size", type=int, default=64, help="images per network call")
+    p.add_argument("--batch-size", type=plumbing.number(int, 1), default=64, help="images per network call")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.add_argument("--make-ref", metavar="SOURCE", help="make a reference batch instead: an image folder, a "
                                                          "prepare_latents.py dataset with --images, or an .npz")
     p.add_argument("--out", help="the reference batch --make-ref writes")
-    p.add_argument("--resolution", type=int, help="--make-ref from a folder: centre-crop size (default 256)")
+    p.add_argument("--resolution", type=plumbing.number(int, 1), help="--make-ref from a folder: centre-crop size "
+                                                                      "(default 256)")
     p.add_argument("--num-images", type=int, default=10000, help="--make-ref: images kept in arr_0 (at least 4)")
-    p.add_argument("--seed", type=int, default=0, help="--make-ref: seed of the arr_0 subset")
+    p.add_argument("--seed", type=plumbing.number(int, 0), default=0, help="--make-ref: seed of the arr_0 subset")
     args = p.parse_args(argv)
     if args.make_ref:
         if args.ref or args.samples or not args.out:
@@ -763,8 +762,6 @@ def parse_args(argv=None):
         p.error("give REF.npz and SAMPLES.npz (or --make-ref SOURCE --out REF.npz)")
     if args.out and not args.make_ref:
         p.error("--out goes with --make-ref")
-    if min(args.batch_size, args.resolution or 1) < 1:
-        p.error("--batch-size and --resolution must be >= 1")
     if args.num_images < 4:
         p.error("--num-images must be at least 4: precision/recall against the reference use 3 neighbours")
     if args.resolution is not None and not args.make_ref:

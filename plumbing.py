@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import signal
+import tempfile
 import time
 import zipfile
 from contextlib import contextmanager, nullcontext
@@ -100,11 +101,9 @@ def check_writable_dir(flag, path):
 
 
 def try_write(flag, path, folder):
-    test = os.path.join(folder, f".nanoddt_write_test{os.getpid()}")
     try:
-        with open(test, "w"):
+        with tempfile.TemporaryFile(dir=folder):  # made and removed
             pass
-        os.remove(test)
     except OSError as e:
         refuse(f"error: {flag} {path}: cannot write in {folder} ({e.strerror}); pick another place")
 
@@ -139,8 +138,14 @@ def json_cache(paths, key, compute):
 
 
 def save_atomic(obj, path):
-    with atomic_write(path) as f:
-        torch.save(obj, f)
+    """torch.save through atomic_write; a failed write (a full disk) stops the script with a message naming the
+    file, whose previous version, if any, is kept."""
+    try:
+        with atomic_write(path) as f:
+            torch.save(obj, f)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path} ({e.strerror or e}); the file there before, if any, is kept: "
+                         f"free the space and rerun the same command") from None
 
 
 def remove_stale_tmp(*patterns):

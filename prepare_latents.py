@@ -32,7 +32,6 @@ SIGTERM, SIGUSR1 or SIGINT to any rank stops every rank after the same batch (th
 batch, as in train.py), keeping the finished chunks (exit status 75).
 """
 
-import argparse
 import glob
 import hashlib
 import json
@@ -173,8 +172,8 @@ def read_meta(data_dir, flag="--data"):
     """A dataset's meta.json, or a message naming the folder (its flag: --data, --val-data) and what to do."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
-        raise SystemExit(f"{flag} {data_dir}: no meta.json there; make the dataset with prepare_latents.py "
-                         f"(an interrupted prepare_latents run writes meta.json only when it finishes)")
+        plumbing.refuse(f"{flag} {data_dir}: no meta.json there; make the dataset with prepare_latents.py "
+                        f"(an interrupted prepare_latents run writes meta.json only when it finishes)")
     with open(meta_path) as f:
         return json.load(f)
 
@@ -443,8 +442,8 @@ def decided_by_rank0(rank, fn, *args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Encode an image folder (or the toy set) into a nanoDDT dataset.",
-                                formatter_class=plumbing.HelpFormatter)
+    p = plumbing.ArgumentParser("Encode an image folder (or the toy set) into a nanoDDT dataset.")
+    count = plumbing.number(int, 1)
     p.add_argument("--data-path", help="class-per-subfolder image tree (ImageNet train/ layout)")
     p.add_argument("--toy", action="store_true", help="write the built-in toy set (pixel space, 32 px, 5000 images)")
     p.add_argument("--split", choices=list(TOY_SPLITS), default="train",
@@ -454,14 +453,15 @@ def parse_args(argv=None):
                                  "for pixel space; required with --data-path, 'none' by default with --toy")
     p.add_argument("--vae-precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype of the VAE on GPU (always fp32 on the CPU)")
-    p.add_argument("--resolution", type=int, help="center-crop size in pixels (default 256; 32 with --toy)")
+    p.add_argument("--resolution", type=count, help="center-crop size in pixels, a multiple of the VAE's "
+                                                    "downsampling (default 256; 32 with --toy)")
     p.add_argument("--images", action="store_true", help="also store the cropped pixels (images.npy, for REPA; "
                                                          "~250 GB for ImageNet at 256 px); implied by --toy")
     p.add_argument("--flip", action="store_true", help="also encode the flipped images (latents_flip.npy); "
                                                        "off in the paper")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per rank")
-    p.add_argument("--chunk-size", type=int, default=1024, help="images per unit of work (and of resuming)")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--batch-size", type=count, default=64, help="images per VAE call, per rank")
+    p.add_argument("--chunk-size", type=count, default=1024, help="images per unit of work (and of resuming)")
+    p.add_argument("--num-workers", type=plumbing.number(int, 0), default=min(8, os.cpu_count() or 1),
                    help="image-loading processes per rank (default: up to 8, at most the CPU count)")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in --out if it was made with other "
                    "settings or is finished (an unfinished one with the same settings is resumed)")
@@ -472,17 +472,32 @@ def parse_args(argv=None):
         p.error("--split is for --toy; for your own images, run prepare_latents.py on a folder of held-out images")
     if args.vae is None and not args.toy:
         p.error("--vae is required with --data-path (a VAE folder or file, or 'none' for pixel space)")
-    if min(args.batch_size, args.chunk_size) < 1 or args.num_workers < 0:
-        p.error("--batch-size and --chunk-size must be >= 1, --num-workers >= 0")
     args.vae = args.vae or "none"
-    args.resolution = args.resolution or (32 if args.toy else 256)
+    args.resolution = args.resolution if args.resolution is not None else (32 if args.toy else 256)
+    plumbing.check_writable_dir("--out", args.out)
     return args
+
+
+def load_vae(args, device):
+    """The VAE of --vae (None for pixel space), with --resolution checked against its downsampling."""
+    if args.vae == "none":
+        return None
+    try:
+        vae = pretrained.load_vae(args.vae).to(device)
+    except (OSError, ValueError) as e:  # missing or unfit VAE files: the message says which and why
+        plumbing.refuse(f"--vae: {e}")
+    factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+    if args.resolution % factor:
+        plumbing.refuse(f"--resolution {args.resolution}: the VAE downsamples by {factor}, so the images must be a "
+                        f"multiple of {factor} pixels (e.g. {max(factor, args.resolution // factor * factor)})")
+    return vae
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, _, world_size, device = plumbing.setup_dist()
     try:
+        vae = load_vae(args, device)
         if args.toy:
             n_per_class, seed = TOY_SPLITS[args.split]
             images, labels, class_names = make_toy_images(n_per_class, args.resolution, seed)
@@ -493,12 +508,6 @@ def main(argv=None):
             files, labels, class_names = decided_by_rank0(rank, list_images, args.data_path)
             dataset, source = ImageFiles(files, args.resolution), os.path.abspath(args.data_path)
             fingerprint = hashlib.sha1("\n".join(f"{f}\t{l}" for f, l in zip(files, labels)).encode()).hexdigest()
-        vae = None
-        if args.vae != "none":
-            try:
-                vae = pretrained.load_vae(args.vae).to(device)
-            except (OSError, ValueError) as e:  # missing or unfit VAE files: the message says which and why
-                raise SystemExit(f"--vae: {e}")
         precision = args.vae_precision if vae is not None and device.type == "cuda" else "fp32"
         settings = {"format_version": FORMAT_VERSION, "source": source, "count": len(labels),
                     "files_sha1": fingerprint, "vae": args.vae if vae is None else os.path.abspath(args.vae),

@@ -337,10 +337,15 @@ def run(args, sampler, device, received):
     if steps is not None:  # what sharing saved, counted in network passes over one image
         print(f"encoder sharing: the encoder ran at {len(steps)} of the {sampler.num_steps} steps, {enc} passes over "
               f"one image against the decoder's {dec} (a guided step makes two passes: with and without the class)")
-    images = parts.join(labels) if args.npz else np.stack([kept[i] for i in range(n)])
-    if args.out:
-        plumbing.save_grid(args.out, images[:GRID_MAX], labels[:GRID_MAX], info["class_names"])
-        print(f"wrote {args.out}" + (f" (the first {GRID_MAX} of {n} images)" if n > GRID_MAX else ""))
+    try:  # a write that fails here, though checked at the start (a full disk), says what is kept
+        images = parts.join(labels) if args.npz else np.stack([kept[i] for i in range(n)])
+        if args.out:
+            plumbing.save_grid(args.out, images[:GRID_MAX], labels[:GRID_MAX], info["class_names"])
+            print(f"wrote {args.out}" + (f" (the first {GRID_MAX} of {n} images)" if n > GRID_MAX else ""))
+    except OSError as e:
+        kept = f"the samples are in {args.npz if os.path.exists(args.npz) else parts.dir}" if args.npz else \
+            "the samples are lost (--npz keeps them as they are made)"
+        raise SystemExit(f"error: cannot write {e.filename} ({e.strerror}); {kept}") from None
 
 
 def sample_batches(model, vae, info, parts, labels, schedule, args, received):

@@ -1195,10 +1195,8 @@ def test_samplers_cli_modes(tmp_path, capsys):
         samplers.main(["--ckpt", a, b, "--heatmap", str(tmp_path / "h.png")])
     with pytest.raises(SystemExit, match="improved DiT"):
         samplers.main(["--ckpt", IDIT_CKPT_SMALL(tmp_path), "--frontier"])
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="--quality needs --train-data and --val-data"):
         samplers.main(["--ckpt", a, "--quality", str(tmp_path / "q")])
-    assert "--quality needs --train-data and --val-data" in capsys.readouterr().err
     ckpt = torch.load(a, weights_only=True)
     for sd in (ckpt["model"], ckpt["ema"]):
         sd["y_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"] * 50  # guidance matters
@@ -2414,12 +2412,12 @@ def test_evaluate_bad_input_is_refused_before_any_feature(tmp_path, monkeypatch,
     # the command line: outputs' folders and flags before the weights are even loaded (there are none here)
     for argv, match in ((["--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "no" / "r.npz"], "--out .*no/r.npz: folder"),
                         ([tmp_path / "ref.npz", tmp_path / "ref.npz", "--json", tmp_path / "no" / "m.json"], "--json .*: folder"),
-                        (["--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "r.npz", "--num-images", 2], None),
-                        ([tmp_path / "ref.npz", tmp_path / "ref.npz", "--resolution", 64], None)):
+                        (["--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "r.npz", "--num-images", 2],
+                         "--num-images must be at least 4"),
+                        ([tmp_path / "ref.npz", tmp_path / "ref.npz", "--resolution", 64],
+                         "--resolution goes with --make-ref")):
         with pytest.raises(SystemExit, match=match):
             evaluate_cli(monkeypatch, *argv, "--inception", tmp_path / "none.pth")
-    err = capsys.readouterr().err
-    assert "--num-images must be at least 4" in err and "--resolution goes with --make-ref" in err
     # DINOv2 weights other than ViT-L/14: a warning; a killed --make-ref's temporary file goes; one run per --out
     (tmp_path / "r.npz.tmp99999").write_bytes(b"what a killed --make-ref left")
     with pytest.raises(SystemExit, match="three.npz has 3 images"):
@@ -3128,3 +3126,96 @@ def test_train_log_line_tells_the_time_left(tmp_path):
     assert [r["step"] for r in recs] == [2, 4] and recs[-1]["time_left"] == "0s"
     assert re.fullmatch(r"\d+s|\d+m\d\ds", recs[0]["time_left"])
     assert plumbing.duration(42.4) == "42s" and plumbing.duration(432) == "7m12s" and plumbing.duration(3900) == "1h05m"
+
+
+# =============================================================================================
+# bad numbers and unwritable outputs: refused at start-up, in one line naming the flag, nothing made or lost
+
+READ_ONLY = "/proc/nanoddt"  # a folder no one can write in (/proc takes no new files), root included
+
+
+def bad_input_cases(tmp_path):
+    """(script's main, argv, what the message must name) for each bad input; the inputs are good otherwise."""
+    ckpt, data = save_tiny_ckpt(tmp_path / "ckpt.pt"), make_dataset(tmp_path / "data", n=32)
+    released = save_tiny_ckpt(tmp_path / "released.ckpt", released=True)
+    toy = ["--toy", "--out", str(tmp_path / "toy")]
+    run = ["--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--max-steps", "2"]
+    images = make_folder(tmp_path / "images") or str(tmp_path / "images")
+    grid = ["--ckpt", ckpt, "--num-steps", "2", "--num-samples", "2", "--out", str(tmp_path / "g.png")]
+    return [(sample.main, [*grid, "--cfg-scale", "nan"], "--cfg-scale"),
+            (sample.main, [*grid, "--cfg-scale", "inf"], "--cfg-scale"),
+            (sample.main, [*grid, "--timeshift", "0"], "--timeshift"),
+            (sample.main, [*grid, "--last-step", "2"], "--last-step"),
+            (sample.main, [*grid, "--cfg-interval", "0.9", "0.1"], "--cfg-interval"),
+            (sample.main, [*grid[:-1], f"{READ_ONLY}/g.png"], "--out"),
+            (sample.main, [*grid, "--npz", f"{READ_ONLY}/s.npz"], "--npz"),
+            (sample.main, ["--ckpt", released, "--model", "DDT-XL/3", "--out", str(tmp_path / "g.png")], "--model"),
+            (train.main, [*run, "--global-batch-size", "-64"], "--global-batch-size"),
+            (train.main, [*run, "--global-batch-size", "0"], "--global-batch-size"),
+            (train.main, [*run, "--lr", "nan"], "--lr"),
+            (train.main, [*run, "--betas", "0.9", "1"], "--betas"),
+            (train.main, [*run, "--log-every", "-1"], "--log-every"),
+            (train.main, [*run[:2], "--out-dir", f"{READ_ONLY}/run", *run[4:]], "--out-dir"),
+            (prepare_latents.main, [*toy, "--resolution", "0"], "--resolution"),
+            (prepare_latents.main, [*toy, "--resolution", "-5"], "--resolution"),
+            (prepare_latents.main, ["--data-path", images, "--vae", VAE_TINY, "--resolution", "30", "--out",
+                                    str(tmp_path / "lat")], "--resolution 30: the VAE downsamples by 4"),
+            (prepare_latents.main, ["--toy", "--out", f"{READ_ONLY}/toy"], "--out"),
+            (evaluate.main, ["--make-ref", images, "--out", str(tmp_path / "r.npz"), "--inception", "x.pth",
+                             "--batch-size", "0"], "--batch-size")]
+
+
+def test_bad_numbers_and_unwritable_outputs_are_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    for main, argv, named in bad_input_cases(tmp_path):
+        before = sorted(p for p in tmp_path.rglob("*"))
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        message = str(e.value.code)
+        assert named in message and "\n" not in message, (argv, message)  # one line naming the flag or path
+        assert sorted(p for p in tmp_path.rglob("*")) == before, argv  # nothing made (nor lost)
+    r = run_script("sample.py", "--ckpt", "x.pt", "--cfg-scale", "nan", check=False)  # as a user sees it
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--cfg-scale" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_flag_zero_turns_the_event_off(tmp_path):
+    data = make_dataset(tmp_path / "data", n=32)
+    run = str(tmp_path / "run")
+    train.main(["--data", data, "--out-dir", run, *TRAIN_TINY, "--max-steps", "3", "--log-every", "0",
+                "--ckpt-every", "0"])
+    assert [r["step"] for r in read_log(run)] == [3]  # no periodic line: the last step's only
+    assert sorted(os.listdir(run)) == ["ckpt.pt", "log.jsonl", "samples", "train.lock"]  # the last step's checkpoint
+    assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["step"] == 3
+
+
+def test_non_finite_stop_says_what_is_true(tmp_path):
+    data = make_dataset(tmp_path / "data", n=32)
+    lat = np.load(os.path.join(data, "latents.npy"), mmap_mode="r+")
+    lat[:] = np.nan
+    lat.flush()
+    with pytest.raises(SystemExit, match="at step 1 .*no checkpoint was written before it; check the data or lower "
+                                         "--lr$"):  # fp32 already: no advice to try it
+        train.main(["--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--precision", "fp32"])
+
+
+def test_a_refusal_under_torchrun_is_printed_once(tmp_path):
+    data = make_dataset(tmp_path / "data", n=32)
+    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--data", data,
+                   "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--global-batch-size", "3",
+                   env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}, check=False, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and out.count("--global-batch-size 3 must divide by ranks x --grad-accum = 2") == 1
+    assert 'train.py", line' not in out and not (tmp_path / "run").exists()
+
+
+def test_a_failed_final_write_says_what_is_kept(tmp_path, monkeypatch):
+    ckpt = save_tiny_ckpt(tmp_path / "ckpt.pt")
+    monkeypatch.setattr(plumbing, "save_grid", lambda path, *a: (_ for _ in ()).throw(OSError(28, "No space left on "
+                                                                                             "device", path)))
+    args = ["--ckpt", ckpt, "--num-steps", 2, "--num-samples", 2, "--out", tmp_path / "g.png"]
+    with pytest.raises(SystemExit, match=r"cannot write .*g.png \(No space left on device\); the samples are lost"):
+        cli(monkeypatch, *args)
+    with pytest.raises(SystemExit, match=r"g.png \(No space left on device\); the samples are in .*s.npz"):
+        cli(monkeypatch, *args, "--npz", tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["arr_0"].shape == (2, 8, 8, 3)

@@ -54,11 +54,11 @@ class LatentBatches(torch.utils.data.Dataset):
         self.valid = np.flatnonzero(np.load(os.path.join(data_dir, "valid.npy")))
         self.steps_per_epoch = len(self.valid) // global_batch
         if self.steps_per_epoch == 0:
-            raise SystemExit(f"--data {data_dir} has {len(self.valid)} valid images, fewer than one global batch "
-                             f"({global_batch}); lower --global-batch-size")
+            plumbing.refuse(f"--data {data_dir} has {len(self.valid)} valid images, fewer than one global batch "
+                            f"({global_batch}); lower --global-batch-size")
         if need_images and not self.meta.get("has_images"):
-            raise SystemExit(f"--dino needs the images for REPA, but --data {data_dir} has none: rerun "
-                             f"prepare_latents.py with --images")
+            plumbing.refuse(f"--dino needs the images for REPA, but --data {data_dir} has none: rerun "
+                            f"prepare_latents.py with --images")
         self.latents = self.flipped = self.images = None  # opened lazily, once per worker process
         self.epoch, self.order = None, None
 
@@ -196,15 +196,12 @@ def ema_decay(args, step):
 # the loop
 
 
-def train(args, val, device, received):
-    """The run of main(): set up, resume OUT/ckpt.pt if there is one, train to --max-steps. `val` is the
-    evaluate.ValSet of --val-data (None: no validation loss), `received` gets the stop signals (plumbing.stop_signals)."""
+def train(args, data, cfg, teacher, val, device, received):
+    """The run of main(): resume OUT/ckpt.pt if there is one, train to --max-steps. `data`: the LatentBatches,
+    `cfg` the model's DDTConfig, `teacher` REPA's DINOv2 (or None), `val` the evaluate.ValSet of --val-data (None:
+    no validation loss), `received` gets the stop signals (plumbing.stop_signals)."""
     rank, world = plumbing.rank_world()
-    data = LatentBatches(args.data, args.global_batch_size, rank, world, args.seed, need_images=bool(args.dino))
-    meta, cfg = data.meta, model_config(args, data.meta)
-    args.max_steps = args.max_steps or 256 * data.steps_per_epoch  # the paper: 256 epochs
-    tokens = (meta["latent_shape"][1] // cfg.patch_size) * (meta["latent_shape"][2] // cfg.patch_size)
-    teacher = pretrained.load_teacher(args.dino, meta["resolution"], tokens, device) if args.dino else None
+    meta = data.meta
     student, ema, opt = build(cfg, teacher, args, device)
     step = resume_or_start(args, student, ema, opt, device)
     raw_model, model = student.model, student  # raw: unwrapped, for saving, the EMA and sampling
@@ -247,24 +244,32 @@ def train(args, val, device, received):
 
 def main(argv=None):
     """Train; returns the raw model. With --eval-only, prints the validation loss of OUT/ckpt.pt and returns its
-    record. Everything lives in the call (process group, lock, signal handlers), so a study may call it again."""
+    record. Everything lives in the call (process group, lock, signal handlers), so a study may call it again.
+    What can be refused (flags, data, model, teacher) is, before --out-dir is touched."""
     args = get_args(argv)
-    meta = prepare_latents.read_meta(args.data)  # a wrong --data (or --val-data) is reported before --out-dir is made
+    meta = prepare_latents.read_meta(args.data)
     val = (evaluate.ValSet(args.val_data, args.val_size, meta, args.data)
            if args.val_data and (args.val_every or args.eval_only) else None)
+    if not args.eval_only:
+        plumbing.check_writable_dir("--out-dir", args.out_dir)
     rank, _, world, device = plumbing.setup_dist()
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     lock = None
     try:
         if args.global_batch_size % (world * args.grad_accum):
-            raise SystemExit(f"--global-batch-size {args.global_batch_size} must divide by ranks x --grad-accum "
-                             f"= {world * args.grad_accum}")
+            plumbing.refuse(f"--global-batch-size {args.global_batch_size} must divide by ranks x --grad-accum = "
+                            f"{world * args.grad_accum}")
         if args.eval_only:  # the val loss of OUT/ckpt.pt, printed; nothing written
             return evaluate.checkpoint_val_loss(os.path.join(args.out_dir, "ckpt.pt"), val, device, args.precision)
+        data = LatentBatches(args.data, args.global_batch_size, rank, world, args.seed, need_images=bool(args.dino))
+        cfg = model_config(args, meta)
+        args.max_steps = args.max_steps or 256 * data.steps_per_epoch  # the paper: 256 epochs
+        tokens = (meta["latent_shape"][1] // cfg.patch_size) * (meta["latent_shape"][2] // cfg.patch_size)
+        teacher = pretrained.load_teacher(args.dino, meta["resolution"], tokens, device) if args.dino else None
         if rank == 0:
             lock = plumbing.lock_run_dir(args.out_dir, "train.py", ("ckpt*.pt", "log.jsonl", "samples/*.png"))
         with plumbing.stop_signals() as received:
-            return train(args, val, device, received)
+            return train(args, data, cfg, teacher, val, device, received)
     finally:
         if lock is not None:
             lock.close()
@@ -372,13 +377,13 @@ def model_config(args, meta):
         cfg = replace(ddt.PRESETS[args.model], in_channels=meta["latent_shape"][0], num_classes=meta["num_classes"],
                       **over)
     except ValueError as e:
-        raise SystemExit(f"--hidden-size / --num-heads: {e}") from None
+        plumbing.refuse(f"--hidden-size / --num-heads: {e}")
     _, h, w = meta["latent_shape"]
     if h % cfg.patch_size or w % cfg.patch_size:
-        raise SystemExit(f"--patch-size {cfg.patch_size} does not divide the data's {h}x{w} latents")
+        plumbing.refuse(f"--patch-size {cfg.patch_size} does not divide the data's {h}x{w} latents")
     if getattr(args, "dino", None) and not 1 <= args.repa_layer <= cfg.encoder_depth:
-        raise SystemExit(f"--repa-layer {args.repa_layer} must be in 1..{cfg.encoder_depth} (the encoder depth"
-                         f"{'' if cfg.decoder_depth else ': all the blocks of an improved DiT'})")
+        plumbing.refuse(f"--repa-layer {args.repa_layer} must be in 1..{cfg.encoder_depth} (the encoder depth"
+                        f"{'' if cfg.decoder_depth else ': all the blocks of an improved DiT'})")
     return cfg
 
 

@@ -16,7 +16,6 @@ allocated (DDP keeps them between steps); it leaves out the CUDA context, cuBLAS
 allocator's fragmentation, and the CPU's attention and autocast kernels save what CUDA's would only up to details.
 """
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -77,8 +76,8 @@ def table(results):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Memory of DDT-XL/2 and iDiT-XL/2 training steps (CPU), and the "
-                                "micro-batches that fit one GPU.", formatter_class=plumbing.HelpFormatter)
+    p = plumbing.ArgumentParser("Memory of DDT-XL/2 and iDiT-XL/2 training steps (CPU), and the "
+                                "micro-batches that fit one GPU.")
     p.add_argument("--out", required=True, help="folder for memory.json and memory.md")
     p.add_argument("--image-size", type=int, default=32, help="latent height = width (32: 256 px images)")
     args = p.parse_args(argv)

@@ -10,7 +10,6 @@ runs' weights, EMA, AdamW moments, losses and val losses are from the 1-rank run
 tensor, the largest over the tensors).
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -68,8 +67,7 @@ def compare(ref_dir, run_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The README's commands on 8 CPU ranks against 1 rank.",
-                                formatter_class=plumbing.HelpFormatter)
+    p = plumbing.ArgumentParser("The README's commands on 8 CPU ranks against 1 rank.")
     p.add_argument("--out", required=True, help="folder for ranks.json and ranks.md")
     p.add_argument("--work", default="runs/ranks", help="folder for the data sets and the runs (a rerun reuses them)")
     args = p.parse_args(argv)

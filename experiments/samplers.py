@@ -16,7 +16,6 @@ The frontier measures each sampler by its samples' deviation from a many-step Eu
 quality frontier by class agreement and a Fréchet distance in a classifier's feature space (quality.py).
 """
 
-import argparse
 import json
 import math
 import os
@@ -426,7 +425,7 @@ def load_models(paths, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=plumbing.HelpFormatter)
+    p = plumbing.ArgumentParser(__doc__.split("\n\n")[0].strip())
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--frontier", action="store_true", help="deviation against steps and time for Euler, Adams-2, "
                       "Adams-3, unshared and with K = N/2, at each --num-steps")

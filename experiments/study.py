@@ -22,7 +22,6 @@ What it reports, per configuration (mean ± sd over the seeds):
 - Welch's t-test between neighbouring configurations and between each split and the improved DiT.
 """
 
-import argparse
 import json
 import math
 import os
@@ -302,7 +301,7 @@ def figure(results, base, path, title):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip(), formatter_class=plumbing.HelpFormatter)
+    p = plumbing.ArgumentParser(__doc__.split("\n\n")[1].strip())
     p.add_argument("--data", required=True, help="training set from prepare_latents.py")
     p.add_argument("--val-data", required=True, help="held-out set from prepare_latents.py")
     p.add_argument("--out-dir", required=True, help="study folder: runs/, study.json, study.md, study.png")
