@@ -122,7 +122,7 @@ class TrainStep:
                                                 min(8, cfg.encoder_depth)).to(device)
         self.ema = copy.deepcopy(model).float().requires_grad_(False)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0,
-                                     fused=device.type == "cuda")
+                                     fused=True)  # as train.build makes it
         self.model = torch.compile(self.student) if compile else self.student
         self.teacher, self.device, self.step = teacher, device, 0
         self.args = types.SimpleNamespace(seed=0, global_batch_size=batch, class_dropout=0.1, precision=precision,
@@ -139,7 +139,7 @@ class TrainStep:
 
     def __call__(self):
         inputs = train.step_inputs(self.batch, self.step, self.data, self.teacher, self.args, self.device)
-        parts = train.train_step(self.model, self.opt, inputs, self.args, self.step)  # loss, fm, repa, grad norm
+        parts = train.train_step(self.model, self.opt, inputs, self.args)  # loss, fm, repa, grad norm
         self.step += 1
         train.update_ema(self.ema, self.student.model, 0.9999)
         return parts[0]
@@ -273,10 +273,11 @@ def bench_sampling(model, args, shape, device, precision):
 def bench_training(model, args, shape, device, precision, teacher):
     """Median training-step time, images/s, TFLOP/s, MFU and the distance to the matmul floor; with --compare,
     interleaved with the released arithmetic's."""
-    flops = ddt.flops_per_image(model.cfg, args.image_size, args.image_size)
     peak = plumbing.peak_flops(device)
     compare = device.type == "cpu" if args.compare is None else args.compare
     steps = {"nanoDDT": TrainStep(model, args.batch_size, shape, device, precision, args.compile, teacher)}
+    meta = {"latent_shape": shape, "resolution": 8 * args.image_size}  # an SD-VAE dataset's
+    flops = train.training_flops(steps["nanoDDT"].student, teacher, meta) / 3  # train.py's MFU FLOPs, / 3 here
     if compare:
         steps["released"] = TrainStep(as_released(model), args.batch_size, shape, device, precision, args.compile,
                                       teacher)

@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import tempfile
+import threading
 import time
 import zipfile
 from contextlib import contextmanager, nullcontext
@@ -365,15 +366,18 @@ def mix_seed(a, b):
     return a * 1_000_003 + b
 
 
+# dense bf16 peaks (data sheets, without sparsity), first match of the device name wins: the H100 PCIe and NVL
+# cards run slower clocks than the SXM one ("NVIDIA H100 80GB HBM3")
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+             ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12))
+
+
 def peak_flops(device):
-    """Dense bf16 peak FLOP/s of the GPU (its data sheet), for MFU; None where unknown."""
+    """Dense bf16 peak FLOP/s of the GPU, for MFU; None where unknown (the CPU, an unlisted card)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
+    return next((flops for key, flops in PEAK_BF16 if key in name), None)
 
 
 def check_number(flag, value, lo=None, hi=None, open_lo=False):
@@ -462,7 +466,11 @@ DIST_TIMEOUT = datetime.timedelta(minutes=60)
 
 def setup_dist():
     """(rank, local_rank, world_size, device). Under torchrun: one process group (NCCL on GPU, gloo on
-    CPU) with DIST_TIMEOUT. Without torchrun: a single process on cuda:0 or the CPU, no process group."""
+    CPU) with DIST_TIMEOUT. Without torchrun: a single process on cuda:0 or the CPU, no process group. On a GPU,
+    float32 matmuls use TF32 (as DiT and nanoGPT set it) until cleanup_dist."""
+    if torch.cuda.is_available():
+        SAVED["matmul_precision"] = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")  # TF32
     if "RANK" not in os.environ:
         return 0, 0, 1, torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -482,6 +490,11 @@ def setup_dist():
 def cleanup_dist():
     if dist.is_initialized():
         dist.destroy_process_group()
+    if "matmul_precision" in SAVED:
+        torch.set_float32_matmul_precision(SAVED.pop("matmul_precision"))
+
+
+SAVED = {}  # what setup_dist changed, for cleanup_dist
 
 
 def rank_world():
@@ -613,17 +626,57 @@ def resume_run(out_dir, checks, modules, opt, hyper, device):
                              f"{out_dir} must be one folder that all nodes share")
 
 
-def stop_if_signalled(received, device, step, saved, save):
-    """After a training step: if a stop signal reached any rank (stop_requested), rank 0 saves (save(), unless this
-    step already did: `saved`) and every rank exits with EXIT_STOPPED. With a process group, a barrier after every
-    save (`saved`) and before the exit: no rank runs ahead of, or exits before, a checkpoint being written."""
-    stop = stop_requested(received, device)
+def stop_run(signum, step, writer):
+    """Every rank, after a training step at which stop_requested found `signum`: rank 0 waits for the checkpoint
+    being written (`writer`); a barrier, so that no rank exits before it (torchrun would end the others); exit
+    with EXIT_STOPPED."""
     rank, world = rank_world()
-    if rank == 0 and stop and not saved:
-        save()
-    if world > 1 and (saved or stop):
+    if rank == 0:
+        writer.join()
+    if world > 1:
         dist.barrier()
-    if stop:
-        if rank == 0:
-            print(f"stopped by {signal.Signals(stop).name} at step {step}: rerun the same command to resume", flush=True)
-        raise SystemExit(EXIT_STOPPED)
+    if rank == 0:
+        print(f"stopped by {signal.Signals(signum).name} at step {step}: rerun the same command to resume", flush=True)
+    raise SystemExit(EXIT_STOPPED)
+
+
+class CheckpointWriter:
+    """Writes checkpoints (save_atomic) in a background thread, so that training goes on while the disk works:
+    save() waits for the write before, takes a CPU copy of the state (all a step waits for) and starts the write;
+    join() waits for it. A failed write is raised by the next save() or join()."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, state, paths):
+        self.join()
+        state = cpu_copy(state)
+        self.thread = threading.Thread(target=self.write, args=(state, paths))  # not a daemon: the interpreter
+        self.thread.start()  # waits for it at exit, a crash of the main thread too
+
+    def write(self, state, paths):
+        try:
+            for path in paths:
+                save_atomic(state, path)
+        except BaseException as e:  # save_atomic's SystemExit too: raised in the main thread by join()
+            self.error = e
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def cpu_copy(obj):
+    """`obj` (dicts, lists of tensors and plain values) with every tensor copied to the CPU: a snapshot that
+    training can no longer change."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj

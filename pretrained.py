@@ -549,6 +549,13 @@ class DINOv2(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def flops(self, H, W):
+        """Matmul FLOPs (2 per multiply-add) of forward() on one (3, H, W) image, for MFU."""
+        n = (224 * H // 256 // self.patch_size) * (224 * W // 256 // self.patch_size)  # patches; + the class token
+        D, hid = self.embed_dim, self.blocks[0].mlp.fc1.out_features
+        per_block = 2 * (n + 1) * (4 * D * D + 2 * D * hid) + 4 * (n + 1) ** 2 * D  # qkv, proj, MLP; attention
+        return len(self.blocks) * per_block + 2 * n * 3 * self.patch_size ** 2 * D  # + the patch embedding
+
     @torch.no_grad()
     def forward(self, images):
         """REPA's teacher: images (B, 3, H, W) in [0, 1] -> final-normed patch tokens (B, N, D),

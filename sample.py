@@ -260,17 +260,22 @@ def to_uint8(x):
     return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def class_grid(model, vae, meta, path, seed=0, num_steps=50):
-    """train.py's grid: 8 Euler samples for each of (at most) 10 classes spread over the dataset's, in float32;
-    `vae` decodes latents (None in pixel space)."""
+def class_grid(model, vae, meta, path, seed=0, num_steps=50, precision="fp32"):
+    """train.py's grid: 8 Euler samples for each of (at most) 10 classes spread over the dataset's, under the run's
+    precision; `vae` decodes latents (None in pixel space). Under torchrun a collective: each rank samples a share
+    of the images (image i's noise from (seed, i), as always), rank 0 writes the grid."""
+    rank, world = plumbing.rank_world()
     K, device = meta["num_classes"], next(model.parameters()).device
     labels = [c for c in list(range(0, K, max(1, K // 10)))[:10] for _ in range(8)]
-    noise = image_noise(seed, range(len(labels)), meta["latent_shape"])[0].to(device)
-    x = sample_loop(model, noise, torch.tensor(labels, device=device), Sampler(num_steps))
-    if vae is not None:
-        with torch.no_grad():  # in chunks: a full-size fp32 decode of all 80 at once would spike memory
+    mine = range(rank * len(labels) // world, (rank + 1) * len(labels) // world)
+    noise = image_noise(seed, mine, meta["latent_shape"])[0].to(device)
+    with torch.no_grad(), plumbing.autocast(device, precision):
+        x = sample_loop(model, noise, torch.tensor(labels[mine.start:mine.stop], device=device), Sampler(num_steps))
+        if vae is not None:  # in chunks: a full-size decode of 80 images at once would need ~10 GB
             x = torch.cat([vae.decode(part / meta["scaling_factor"]) for part in x.split(16)])
-    plumbing.save_grid(path, to_uint8(x), labels, meta.get("class_names"))
+    images = plumbing.gather_to_rank0(dict(zip(mine, to_uint8(x))))
+    if rank == 0:
+        plumbing.save_grid(path, np.stack([images[i] for i in range(len(labels))]), labels, meta.get("class_names"))
 
 
 def grid_decoder(meta, device):
@@ -278,7 +283,8 @@ def grid_decoder(meta, device):
     if meta["vae"] == "none":
         return None
     if not os.path.exists(meta["vae"]):
-        print(f"sample grids off: the dataset's VAE {meta['vae']} is not there any more")
+        if plumbing.rank_world()[0] == 0:
+            print(f"sample grids off: the dataset's VAE {meta['vae']} is not there any more")
         return False
     return pretrained.load_vae(meta["vae"]).to(device)
 

@@ -1833,7 +1833,8 @@ def test_train_two_ranks_stop_at_the_same_step(tmp_path):
     assert "exitcode  : 75" in out and 'train.py", line' not in out, out  # torchrun reports the ranks' status 75
     s0, s1 = (json.load(open(os.path.join(run, f"steps{r}"))) for r in (0, 1))
     step = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["step"]
-    assert s0 == s1 == [0] * (step - 1) + [signal.SIGUSR1]  # every step checked, both ranks stop at the same one
+    assert s0 == s1 == [0] * (step // 2 - 1) + [signal.SIGUSR1]  # checked at the log steps (every 2nd), both
+    assert step % 2 == 0  # ranks stop at the same one
     assert f"stopped by SIGUSR1 at step {step}" in out
 
 
@@ -3193,7 +3194,7 @@ def test_non_finite_stop_says_what_is_true(tmp_path):
     lat = np.load(os.path.join(data, "latents.npy"), mmap_mode="r+")
     lat[:] = np.nan
     lat.flush()
-    with pytest.raises(SystemExit, match="at step 1 .*no checkpoint was written before it; check the data or lower "
+    with pytest.raises(SystemExit, match="at step 1; .*no checkpoint was written before it; check the data or lower "
                                          "--lr$"):  # fp32 already: no advice to try it
         train.main(["--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--precision", "fp32"])
 
@@ -3219,3 +3220,83 @@ def test_a_failed_final_write_says_what_is_kept(tmp_path, monkeypatch):
         cli(monkeypatch, *args, "--npz", tmp_path / "s.npz")
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (2, 8, 8, 3)
+
+
+# =============================================================================================
+# the GPU path's defaults, checked on the CPU
+
+
+def test_device_defaults_compile_on_a_gpu_only():
+    args = train.get_args(["--data", "d", "--out-dir", "o"])
+    train.device_defaults(args, torch.device("cuda"))  # the device object only: no GPU needed
+    assert (args.precision, args.compile, args.num_workers) == ("bf16", True, 4)
+    args = train.get_args(["--data", "d", "--out-dir", "o"])
+    train.device_defaults(args, torch.device("cpu"))
+    assert (args.precision, args.compile, args.num_workers) == ("fp32", False, 2)
+    args = train.get_args(["--data", "d", "--out-dir", "o", "--no-compile", "--precision", "fp32", "--num-workers", "0"])
+    train.device_defaults(args, torch.device("cuda"))
+    assert (args.precision, args.compile, args.num_workers) == ("fp32", False, 0)
+
+
+def tiny_step_inputs(model, nan=False):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 8, generator=gen)
+    x = x.fill_(math.nan) if nan else x
+    return x, torch.tensor([0, 1, 2, 10]), torch.randn(4, 4, 8, 8, generator=gen), torch.rand(4, generator=gen), None
+
+
+def test_train_step_grad_norm_and_the_skipped_update():
+    args = argparse.Namespace(grad_accum=2, precision="fp32", repa_weight=0.5, grad_clip=0.0)
+    for clip in (0.0, 0.01):
+        student, ref = (train.ModelWithProjector(tiny_model(seed=3), 0, 2) for _ in range(2))
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
+        args.grad_clip = clip
+        norm = train.train_step(student, opt, tiny_step_inputs(student.model), args)[3]
+        for k in range(2):  # the same gradients, written out, through clip_grad_norm_
+            loss = train.training_loss(ref, *[t[2 * k:2 * k + 2] for t in tiny_step_inputs(ref.model)[:4]], None, 0.5)[0]
+            (loss / 2).backward()
+        expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip if clip else math.inf)
+        assert norm == expected  # the norm without clip_grad_norm_'s multiply by 1, the same number
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, fused=True)
+        ref_opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(student.parameters(), ref.parameters()))
+    before = [p.detach().clone() for p in student.parameters()]
+    norm = train.train_step(student, opt, tiny_step_inputs(student.model, nan=True), args)[3]
+    assert not torch.isfinite(norm)  # a non-finite gradient: AdamW skipped the update, its step count too
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert all(s["step"].item() == 1 for s in opt.state.values())
+
+
+def test_bench_times_train_py_step(monkeypatch):
+    calls = []
+    for name in ("step_inputs", "train_step", "update_ema"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    step = bench.TrainStep(tiny_model(), 2, (4, 8, 8), torch.device("cpu"), "fp32")
+    loss = step()
+    assert calls == ["step_inputs", "train_step", "update_ema"] and torch.isfinite(loss)
+
+
+def test_mfu_counts_the_teacher_and_the_projector():
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        teacher = DINOv2(768, 12)  # DINOv2-B/14, REPA's teacher, at 256 px
+        with FlopCounterMode(display=False) as fc:
+            teacher(torch.rand(1, 3, 256, 256))
+    assert teacher.flops(256, 256) == fc.get_total_flops()
+    student = train.ModelWithProjector(DDT(PRESETS["DDT-XL/2"]).to("meta"), 768, 8)
+    total = train.training_flops(student, teacher, {"latent_shape": [4, 32, 32], "resolution": 256})
+    model = 3 * ddt.flops_per_image(PRESETS["DDT-XL/2"], 32, 32)
+    assert total - model == teacher.flops(256, 256) + 3 * 2 * 256 * (2 * 1152 * 1152 + 1152 * 768)
+    assert round(teacher.flops(256, 256) / 1e9) == 46 and round((total - model) / model * 100, 1) == 6.6  # was left out
+
+
+def test_checkpoint_writer_snapshots_and_reports(tmp_path):
+    writer, t = plumbing.CheckpointWriter(), torch.zeros(3)
+    writer.save({"w": t, "step": 1}, [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")])
+    t += 1  # training goes on while the file is written: the file holds the state at save()
+    writer.join()
+    assert all(torch.equal(torch.load(tmp_path / f, weights_only=True)["w"], torch.zeros(3)) for f in ("a.pt", "b.pt"))
+    writer.save({"w": t}, [str(tmp_path / "missing" / "c.pt")])
+    with pytest.raises(SystemExit, match="cannot write .*c.pt"):
+        writer.join()

@@ -18,8 +18,8 @@ exactly. With --val-data, a deterministic validation loss of the raw and EMA wei
 a run safe (one run per folder, stop signals, resume checks) is below the loop and in docs/reliability.md.
 """
 
+import argparse
 import copy
-import math
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -156,11 +156,11 @@ def step_inputs(batch, step, data, teacher, args, device):
 # the step
 
 
-def train_step(model, opt, inputs, args, step):
+def train_step(model, opt, inputs, args):
     """One optimizer step on this rank's inputs (step_inputs): the loss and its gradients in --grad-accum
-    micro-steps (under DDP, all-reduced in the last one only), the gradient norm (clipped with --grad-clip),
-    AdamW. Stops before the update if a gradient is not finite. Returns the step's mean loss, fm and REPA losses
-    and gradient norm in one device tensor."""
+    micro-steps (under DDP, all-reduced in the last one only), the gradient norm (and a clip to --grad-clip), and
+    AdamW, which skips its update where the norm is not finite: no weight ever takes a non-finite step, and no
+    host sync waits for the check. Returns the mean loss, fm and REPA losses and the gradient norm, on the device."""
     x, y, noise, t, feats = inputs
     m, parts = len(x) // args.grad_accum, torch.zeros(3, device=x.device)
     for k in range(args.grad_accum):
@@ -173,10 +173,11 @@ def train_step(model, opt, inputs, args, step):
             (loss / args.grad_accum).backward()
         parts += torch.stack([loss.detach(), fm, repa]) / args.grad_accum
     params = [p for group in opt.param_groups for p in group["params"]]
-    grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
-    if not torch.isfinite(grad_norm):  # the gradients are all-reduced: every rank stops here together
-        raise non_finite(args, step + 1, loss)
-    opt.step()
+    grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # reads the grads once
+    if args.grad_clip > 0:
+        nn.utils.clip_grads_with_norm_(params, args.grad_clip, grad_norm)
+    opt.found_inf = (~torch.isfinite(grad_norm)).float()  # fused AdamW: no update where 1 (grads are all-reduced:
+    opt.step()  # every rank skips alike)
     opt.zero_grad(set_to_none=not dist.is_initialized())  # DDP: grads stay in its buckets
     return torch.cat([parts, grad_norm[None]])  # loss, fm, repa, grad_norm
 
@@ -215,30 +216,35 @@ def train(args, data, cfg, teacher, val, device, received):
                                          worker_init_fn=plumbing.ignore_stop_signals)
     log, sums = plumbing.RunLog(os.path.join(args.out_dir, "log.jsonl"), step, args.max_steps), torch.zeros(4, device=device)
     log.print(describe_run(args, cfg, raw_model, data, val, step))
-    grid_vae = sample.grid_decoder(meta, device) if rank == 0 and args.sample_every else False
-    flops = 3 * ddt.flops_per_image(cfg, *meta["latent_shape"][1:])  # a training image, for MFU
+    grid_vae = sample.grid_decoder(meta, device) if args.sample_every else False
+    flops = training_flops(student, teacher, meta)  # a training image, for MFU
 
+    stop, writer = 0, plumbing.CheckpointWriter()
     for batch in loader:
         inputs = step_inputs(batch, step, data, teacher, args, device)
-        sums += train_step(model, opt, inputs, args, step)  # loss, fm, repa, grad_norm: summed on the device
+        sums += train_step(model, opt, inputs, args)  # loss, fm, repa, grad_norm: summed on the device
         step += 1
         update_ema(ema, raw_model, ema_decay(args, step))
 
         end = step == args.max_steps
-        if every(args.log_every, step) or end:  # the means since the last line, speed, MFU, time left
+        logged, saved = every(args.log_every, step) or end, every(args.ckpt_every, step) or every(args.keep_every, step) or end
+        if logged or saved or every(SYNC_EVERY, step):  # the loop's only host syncs: no step waits for the last
+            check_finite(sums, log.since, step, args)  # no line and no checkpoint after a skipped update
+            stop = plumbing.stop_requested(received if not end else [], device)
+        if logged:  # the means since the last line, speed, MFU, time left
             rec = log.steps(step, sums, ("loss", "fm", "repa", "grad_norm"), args.global_batch_size, flops)
             log.write(rec | {"lr": opt.param_groups[0]["lr"]})
         if val is not None and (every(args.val_every, step) or end):  # before the checkpoint: a val loss lost
             log.write(rec := evaluate.val_record(step, raw_model, ema, val, device, args.precision))  # to a crash
             log.pause(rec["val_seconds"])  # is redone with its steps; speed counts training only
-        saved = every(args.ckpt_every, step) or every(args.keep_every, step) or end
-        if rank == 0 and saved:
-            save_checkpoint(args, step, student, ema, opt, meta)
-        if grid_vae is not False and (every(args.sample_every, step) or end):
+        if rank == 0 and (saved or stop):  # a CPU copy, written to disk in the background
+            writer.save(checkpoint(args, step, student, ema, opt, meta), checkpoint_paths(args, step))
+        if grid_vae is not False and (every(args.sample_every, step) or end):  # every rank samples a share
             path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
-            sample.class_grid(ema, grid_vae, meta, path, args.seed, args.sample_steps)
-        plumbing.stop_if_signalled(received if not end else [], device, step, saved,
-                                   lambda: save_checkpoint(args, step, student, ema, opt, meta))
+            sample.class_grid(ema, grid_vae, meta, path, args.seed, args.sample_steps, args.precision)
+        if stop:
+            plumbing.stop_run(stop, step, writer)
+    writer.join()
     return raw_model
 
 
@@ -253,7 +259,7 @@ def main(argv=None):
     if not args.eval_only:
         plumbing.check_writable_dir("--out-dir", args.out_dir)
     rank, _, world, device = plumbing.setup_dist()
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    device_defaults(args, device)
     lock = None
     try:
         if args.global_batch_size % (world * args.grad_accum):
@@ -285,28 +291,38 @@ def every(n, step):
     return n > 0 and step % n == 0
 
 
-def save_checkpoint(args, step, student, ema, opt, meta):
-    """OUT/ckpt.pt (and ckpt_STEP.pt every --keep-every steps), plain data, written atomically."""
-    ckpt = {"model": student.model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+def checkpoint(args, step, student, ema, opt, meta):
+    """The run's state as plain data: weights, EMA, AdamW, REPA projector, step, config, flags, data description."""
+    return {"model": student.model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "projector": student.projector.state_dict() if student.projector is not None else {},
             "step": step, "config": asdict(student.model.cfg), "args": vars(args) | {"betas": list(args.betas)},
             "data_order": {"global_batch_size": args.global_batch_size, "seed": args.seed},
             "repa": student.projector is not None,
             "data": {k: meta[k] for k in ("scaling_factor", "vae", "latent_shape", "resolution",
                                            "num_classes", "class_names")}}
-    plumbing.save_atomic(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
-    if every(args.keep_every, step):
-        plumbing.save_atomic(ckpt, os.path.join(args.out_dir, f"ckpt_{step:07d}.pt"))
 
 
-def non_finite(args, step, loss):
-    """The SystemExit of a non-finite loss or gradient at `step`, saying what is kept and what to try."""
+def checkpoint_paths(args, step):
+    """OUT/ckpt.pt, and OUT/ckpt_STEP.pt every --keep-every steps."""
+    keep = [os.path.join(args.out_dir, f"ckpt_{step:07d}.pt")] if every(args.keep_every, step) else []
+    return [os.path.join(args.out_dir, "ckpt.pt"), *keep]
+
+
+SYNC_EVERY = 10  # steps: the loop reads the device (non-finite steps, stop signals) at least this often
+
+
+def check_finite(sums, since, step, args):
+    """Stop if a step since the last log line (`since`) had a non-finite loss or gradient: AdamW skipped its
+    update, and the message says what is kept and what to try."""
+    if torch.isfinite(sums).all():
+        return
     ckpt = os.path.join(args.out_dir, "ckpt.pt")
-    kept = (f"{ckpt} keeps the last good state (rerunning resumes from it)" if os.path.exists(ckpt)
+    kept = (f"{ckpt} keeps the last state written (rerunning resumes from it)" if os.path.exists(ckpt)
             else "no checkpoint was written before it")
     tips = "check the data or lower --lr" + (", or try --precision fp32" if args.precision != "fp32" else "")
-    return SystemExit(f"non-finite loss or gradient at step {step} (loss {loss.item():.4g}); stopped before the "
-                      f"update: {kept}; {tips}")
+    steps = f"step {step}" if step - since == 1 else f"a step of {since + 1}..{step}"
+    plumbing.refuse(f"non-finite loss or gradient at {steps}; AdamW skipped its update and the run stopped: {kept}; "
+                    f"{tips}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -332,7 +348,8 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=count, help="default: 256 epochs of the dataset")
     p.add_argument("--seed", type=plumbing.number(int, 0), default=0, help="init, data order and every draw")
     p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model (default: on a GPU, not on the CPU)")
     p.add_argument("--log-every", type=every_n, default=100, help="steps per log line (the last step logs too)")
     p.add_argument("--ckpt-every", type=every_n, default=10000, help="steps between checkpoints OUT/ckpt.pt "
                                                                      "(the last step writes one too)")
@@ -346,7 +363,8 @@ def get_args(argv=None):
                    help="encoder block (1-based; of an improved DiT, any block) aligned to DINOv2")
     p.add_argument("--repa-weight", type=plumbing.number(float, 0), default=0.5, help="weight of the REPA loss")
     p.add_argument("--class-dropout", type=share, default=0.1, help="share of labels set to the null class")
-    p.add_argument("--num-workers", type=plumbing.number(int, 0), default=2, help="data loader processes per rank")
+    p.add_argument("--num-workers", type=plumbing.number(int, 0), help="data loader processes per rank (default: "
+                                                                         "4 on a GPU, 2 on the CPU)")
     p.add_argument("--val-data", help="held-out dataset from prepare_latents.py (same VAE, resolution and classes "
                                       "as --data) for the validation loss")
     p.add_argument("--val-every", type=every_n, help="steps between validation losses (default: --ckpt-every)")
@@ -393,8 +411,8 @@ def build(cfg, teacher, args, device):
     model = ddt.DDT(cfg)
     student = ModelWithProjector(model, teacher.embed_dim if teacher else 0, args.repa_layer).to(device)
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),
-                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),  # fused: found_inf
+                            weight_decay=args.weight_decay, fused=True)
     return student, ema, opt
 
 
@@ -415,12 +433,34 @@ def resume_or_start(args, student, ema, opt, device):
     return step
 
 
+def device_defaults(args, device):
+    """The flags whose default depends on the device: on a GPU bf16 autocast, torch.compile and 4 data loader
+    workers a rank; on the CPU float32, eager and 2 workers."""
+    gpu = device.type == "cuda"
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
+    args.compile = gpu if args.compile is None else args.compile
+    args.num_workers = (4 if gpu else 2) if args.num_workers is None else args.num_workers
+
+
+def training_flops(student, teacher, meta):
+    """Matmul FLOPs of one training image, for MFU: 3x the forward (forward and backward) of the DDT and of REPA's
+    projector, and the teacher's forward."""
+    h, w = meta["latent_shape"][1:]
+    flops = 3 * ddt.flops_per_image(student.model.cfg, h, w)
+    if student.projector is not None:
+        tokens = (h // student.model.cfg.patch_size) * (w // student.model.cfg.patch_size)
+        flops += 3 * 2 * tokens * sum(m.weight.numel() for m in student.projector if isinstance(m, nn.Linear))
+        flops += teacher.flops(meta["resolution"], meta["resolution"])
+    return flops
+
+
 def describe_run(args, cfg, model, data, val, step):
     """The run's first line: the model, how a step is split, the precision, the data, the steps, the validation."""
     world = plumbing.rank_world()[1]
     return (f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {asdict(cfg)}\n{world} rank(s) "
             f"x {args.grad_accum} micro-step(s) x {args.global_batch_size // world // args.grad_accum} images, "
-            f"{args.precision}, {len(data.valid)} images, steps {step} -> {args.max_steps}"
+            f"{args.precision}{', compiled' if args.compile else ''}, {len(data.valid)} images, steps {step} -> "
+            f"{args.max_steps}"
             + (f", validation on {len(val.rows)} images every {args.val_every} steps" if val else ""))
 
 
