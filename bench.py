@@ -5,6 +5,7 @@ Time a DDT training step and sampling, and compare with the released implementat
     python bench.py --model DDT-XL/2 --batch-size 32 --image-size 32 --precision bf16 --compile   # one GPU
     python bench.py --model DDT-XL/2 --batch-size 64 --sample --num-steps 250 --encoder-steps 50 --precision bf16
     python bench.py --model DDT-XL/2 --batch-size 2 --precision bf16 --repa --memory   # CPU: 16 GiB of memory
+    python bench.py --model DDT-XL/2 --events --num-steps 50     # the sample grid and a checkpoint's write
 
 A training step is forward, backward, AdamW and the EMA update, on random data of the right shape. With
 --compare (default on CPU) the same model is also timed with the released code's implementations of the
@@ -22,6 +23,8 @@ research measurements on trained models, the samplers' frontier and the sharing 
 
 import argparse
 import copy
+import os
+import tempfile
 import time
 import types
 from contextlib import contextmanager, nullcontext
@@ -308,6 +311,28 @@ def bench_training(model, args, shape, device, precision, teacher):
         print(f"peak memory {describe_peak(mem, device)}")
 
 
+def bench_events(model, args, shape, device, precision):
+    """--events: what a run does besides its steps, at this size: train.py's sample grid (80 images of --num-steps
+    Euler steps under the run's precision, decoded by an SD-VAE with random weights) and a checkpoint (the model,
+    its EMA and AdamW: the CPU copy the step waits for, then the write the background thread does)."""
+    meta = {"num_classes": model.cfg.num_classes, "latent_shape": list(shape), "scaling_factor": 1.0}
+    vae = pretrained.AutoencoderKL().to(device).eval() if shape[0] == 4 else None
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(2):  # the second is timed
+            _, secs = timed(device, nullcontext(), lambda: sample.class_grid(
+                model, vae, meta, f"{tmp}/grid.png", num_steps=args.num_steps[0], precision=precision))
+        print(f"sample grid: 80 images, {args.num_steps[0]} steps{', decoded' if vae else ''}: {secs:.1f} s")
+        step = TrainStep(model, 1, shape, device, precision)
+        step()  # AdamW's moments exist after a step
+        state = {"model": model.state_dict(), "ema": step.ema.state_dict(), "optimizer": step.opt.state_dict()}
+        writer = plumbing.CheckpointWriter()
+        _, copy = timed(device, nullcontext(), lambda: writer.save(state, [f"{tmp}/ckpt.pt"]))
+        _, write = timed(device, nullcontext(), writer.join)
+        gb = os.path.getsize(f"{tmp}/ckpt.pt") / 1e9
+        print(f"checkpoint: {gb:.1f} GB; the CPU copy a step waits for {copy:.1f} s, the write after it {write:.1f} s "
+              f"({gb / write:.2f} GB/s to {tempfile.gettempdir()})")
+
+
 def main():
     p = plumbing.ArgumentParser("Time DDT training steps and sampling.")
     train.add_model_args(p, default="DDT-S/2")
@@ -315,7 +340,7 @@ def main():
     p.add_argument("--image-size", type=int, default=32, help="latent height = width (32 = 256 px images)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the step")
     p.add_argument("--steps", type=int, default=10, help="timed training steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
@@ -324,6 +349,7 @@ def main():
     p.add_argument("--memory", action="store_true",
                    help="one training step, its memory counted (weights, gradients, AdamW, EMA, activations)")
     p.add_argument("--sample", action="store_true", help="time sampling instead of training")
+    p.add_argument("--events", action="store_true", help="time train.py's sample grid and a checkpoint instead")
     p.add_argument("--num-steps", type=int, nargs="+", default=[250], help="sampling steps (each in turn)")
     p.add_argument("--encoder-steps", type=int, nargs="+", default=[50], help="encoder runs K when sharing")
     args = p.parse_args()
@@ -341,6 +367,8 @@ def main():
           f"forward")
     if args.sample:
         return bench_sampling(model, args, shape, device, precision)
+    if args.events:
+        return bench_events(model, args, shape, device, precision)
     teacher = random_teacher(device) if args.repa else None
     if args.memory:
         step = TrainStep(model, args.batch_size, shape, device, precision, args.compile, teacher)
