@@ -38,6 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------------------------
 # small functions
@@ -243,6 +244,7 @@ class DDT(nn.Module):
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio)
                                     for _ in range(cfg.encoder_depth + cfg.decoder_depth))
         self.final_layer = FinalLayer(D, C * p * p)
+        self.grad_checkpoint = False  # train.py --grad-checkpoint: recompute the blocks' activations in backward
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -276,7 +278,7 @@ class DDT(nn.Module):
         rope = self.rope(x)
         s, h = (self.s_embedder if self.cfg.decoder_depth else self.x_embedder)(x), None  # (B, N, D)
         for i, block in enumerate(self.blocks[: self.cfg.encoder_depth], start=1):
-            s = block(s, c, rope)  # (B, N, D)
+            s = self.run(block, s, c, rope)  # (B, N, D)
             h = s if i == repa_layer else h
         return s, h
 
@@ -285,8 +287,13 @@ class DDT(nn.Module):
         rope = self.rope(x)
         u = self.x_embedder(x)  # (B, N, D)
         for block in self.blocks[self.cfg.encoder_depth:]:
-            u = block(u, z, rope)  # (B, N, D)
+            u = self.run(block, u, z, rope)  # (B, N, D)
         return self.final(u, z, x)
+
+    def run(self, block, x, c, rope):
+        if self.grad_checkpoint and torch.is_grad_enabled():  # keep only the block's input for the backward pass
+            return torch.utils.checkpoint.checkpoint(block, x, c, rope, use_reentrant=False)
+        return block(x, c, rope)
 
     def final(self, u, c, x):
         return unpatchify(self.final_layer(u, c), self.cfg.patch_size, x.shape[2], x.shape[3])  # (B, C, H, W)

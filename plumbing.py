@@ -321,12 +321,17 @@ class RunLog:
                 f.write(json.dumps(rec) + "\n")
 
     def print(self, line):
-        if self.rank == 0:
-            print(line, flush=True)
+        print0(line)
 
     def pause(self, seconds):
         """Leave `seconds` (a validation) out of the steps' speed."""
         self.t0 += seconds
+
+
+def print0(line):
+    """Print on rank 0 only (every process without a process group)."""
+    if rank_world()[0] == 0:
+        print(line, flush=True)
 
 
 def format_record(rec):
@@ -624,6 +629,29 @@ def resume_run(out_dir, checks, modules, opt, hyper, device):
         truncate_log(os.path.join(out_dir, "log.jsonl"), step)
     return same_on_all_ranks(step, device, "ranks resumed from different steps ({lo} to {hi}): --out-dir "
                              f"{out_dir} must be one folder that all nodes share")
+
+
+def check_finite(sums, since, step, args):
+    """train.py, at a sync point: stop if a step since `since` had a non-finite loss or gradient (`sums` of them on
+    the device), whose update AdamW skipped; the message says what is kept and what to try."""
+    if torch.isfinite(sums).all():
+        return
+    ckpt = os.path.join(args.out_dir, "ckpt.pt")
+    kept = (f"{ckpt} keeps the last state written (rerunning resumes from it)" if os.path.exists(ckpt)
+            else "no checkpoint was written before it")
+    tips = "check the data or lower --lr" + (", or try --precision fp32" if args.precision != "fp32" else "")
+    steps = f"step {step}" if step - since == 1 else f"a step of {since + 1}..{step}"
+    refuse(f"non-finite loss or gradient at {steps}; AdamW skipped its update and the run stopped: {kept}; {tips}")
+
+
+def device_defaults(args, device):
+    """The flags whose default depends on the device (those `args` has): on a GPU bf16 autocast, torch.compile and
+    4 data loader workers a rank; on the CPU float32, eager and 2 workers."""
+    gpu = device.type == "cuda"
+    args.precision = getattr(args, "precision", None) or ("bf16" if gpu else "fp32")
+    for flag, on_gpu, on_cpu in (("compile", True, False), ("num_workers", 4, 2)):
+        if hasattr(args, flag) and getattr(args, flag) is None:
+            setattr(args, flag, on_gpu if gpu else on_cpu)
 
 
 def stop_run(signum, step, writer):

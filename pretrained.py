@@ -68,6 +68,44 @@ def check_state_dict(model, sd, source):
     raise CheckpointError("\n".join(lines))
 
 
+def init_weights(path, model, projector=None):
+    """train.py --init-from: `model` (and REPA's `projector`, from a project checkpoint that has one) from the EMA
+    weights of `path`, a project checkpoint or a released Lightning one: the EMA is the model that samples best and
+    what fine-tuning usually starts from. The weights carry over to another latent size (RoPE spreads any token
+    grid over the same extent). For another class count the label embedding is made afresh (the model's own seeded
+    init), but for its last row, the null class that guidance samples with, which keeps the source's. Everything
+    else loads strictly: CheckpointError names what does not fit. Returns what was made afresh."""
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and "config" in ckpt and "ema" in ckpt:  # nanoDDT
+        sd, proj = dict(ckpt["ema"]), ckpt.get("projector") or {}
+    elif isinstance(ckpt, dict) and "state_dict" in ckpt:  # released Lightning
+        prefix = "ema_denoiser."
+        sd, proj = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}, {}
+    else:
+        raise CheckpointError(f"'{path}' is neither a nanoDDT checkpoint (keys 'config', 'ema') nor a released "
+                              f"Lightning checkpoint (key 'state_dict')")
+    own, fresh, table = model.state_dict(), [], "y_embedder.embedding_table.weight"
+    x_key = "x_embedder.proj.weight"
+    if x_key in sd and sd[x_key].shape[1] != own[x_key].shape[1]:
+        raise CheckpointError(f"'{path}': {x_key} is {tuple(sd[x_key].shape)} there and {tuple(own[x_key].shape)} "
+                              f"here: latent channels x patch size^2 is {sd[x_key].shape[1]} there and "
+                              f"{own[x_key].shape[1]} here, and they must match (the same VAE's latents, the same "
+                              f"--patch-size)")
+    if table in sd and sd[table].shape[0] != own[table].shape[0] and sd[table].shape[1:] == own[table].shape[1:]:
+        new = own[table].clone()
+        new[-1] = sd[table][-1]  # the null class
+        fresh.append(f"{table} ({sd[table].shape[0] - 1} classes there, {own[table].shape[0] - 1} here: made afresh "
+                     f"but for the null class's row, kept)")
+        sd[table] = new
+    check_state_dict(model, sd, path)
+    if projector is not None:
+        if proj:
+            projector.load_state_dict(proj)
+        else:
+            fresh.append("the REPA projector (the source has none)")
+    return fresh
+
+
 def load_ddt(path, config=None, ema=True, allow_pickle=False, ckpt=None):
     """A DDT or an improved DiT from (a) this project's checkpoints (config inside; `ema` picks the EMA weights)
     or (b) the released Lightning checkpoints of either (`state_dict` with `ema_denoiser.` / `denoiser.`

@@ -3228,13 +3228,13 @@ def test_a_failed_final_write_says_what_is_kept(tmp_path, monkeypatch):
 
 def test_device_defaults_compile_on_a_gpu_only():
     args = train.get_args(["--data", "d", "--out-dir", "o"])
-    train.device_defaults(args, torch.device("cuda"))  # the device object only: no GPU needed
+    plumbing.device_defaults(args, torch.device("cuda"))  # the device object only: no GPU needed
     assert (args.precision, args.compile, args.num_workers) == ("bf16", True, 4)
     args = train.get_args(["--data", "d", "--out-dir", "o"])
-    train.device_defaults(args, torch.device("cpu"))
+    plumbing.device_defaults(args, torch.device("cpu"))
     assert (args.precision, args.compile, args.num_workers) == ("fp32", False, 2)
     args = train.get_args(["--data", "d", "--out-dir", "o", "--no-compile", "--precision", "fp32", "--num-workers", "0"])
-    train.device_defaults(args, torch.device("cuda"))
+    plumbing.device_defaults(args, torch.device("cuda"))
     assert (args.precision, args.compile, args.num_workers) == ("fp32", False, 0)
 
 
@@ -3300,3 +3300,66 @@ def test_checkpoint_writer_snapshots_and_reports(tmp_path):
     writer.save({"w": t}, [str(tmp_path / "missing" / "c.pt")])
     with pytest.raises(SystemExit, match="cannot write .*c.pt"):
         writer.join()
+
+
+# =============================================================================================
+# fine-tuning: train.py --init-from, --grad-checkpoint
+
+FROZEN = ["--lr", "0", "--max-steps", "1", "--ckpt-every", "1"]  # lr 0: the weights a run starts from, saved
+
+
+def test_init_from_a_project_checkpoint_at_another_resolution_then_resume(tmp_path, capsys):
+    src, run = str(tmp_path / "src"), str(tmp_path / "run")
+    train.main(["--data", make_dataset(tmp_path / "d8", n=32), "--out-dir", src, *TRAIN_TINY, "--max-steps", "3"])
+    big = make_dataset(tmp_path / "d16", n=32, latent_shape=(3, 16, 16))  # 4x the tokens: RoPE spans the same extent
+    train.main(["--data", big, "--out-dir", run, *TRAIN_TINY, *FROZEN, "--init-from", f"{src}/ckpt.pt"])
+    source, new = (torch.load(f"{r}/ckpt.pt", weights_only=True) for r in (src, run))
+    assert f"initialized from {src}/ckpt.pt (its EMA weights)" in capsys.readouterr().out
+    assert all(torch.equal(source["ema"][k], new[key][k]) for key in ("model", "ema") for k in source["ema"])
+    assert new["step"] == 1 and list(new["optimizer"]["state"][0]) and new["args"]["init_from"] == f"{src}/ckpt.pt"
+    train.main(["--data", big, "--out-dir", run, *TRAIN_TINY, "--max-steps", "2", "--init-from", f"{src}/ckpt.pt"])
+    out = capsys.readouterr().out  # the rerun resumes the new run, never the source
+    assert f"{run} holds a run at step 1: resuming it (--init-from only starts a run)" in out
+    assert torch.load(f"{run}/ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_init_from_the_released_checkpoint_on_other_classes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(ddt.PRESETS, "DDT-T/2", TINY)  # the golden released file's architecture, 10 classes
+    released, base = os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), ["--model", "DDT-T/2", "--global-batch-size",
+                                                                          "8", "--sample-every", "0", "--num-workers", "0"]
+    run = str(tmp_path / "run")
+    train.main(["--data", make_dataset(tmp_path / "d", n=16, latent_shape=(4, 8, 8), num_classes=4), "--out-dir", run,
+                *base, *FROZEN, "--init-from", released])
+    assert "made afresh: y_embedder.embedding_table.weight (10 classes there, 4 here: made afresh but for the null " \
+           "class's row, kept)" in capsys.readouterr().out
+    want, got = load_ddt(released, TINY).state_dict(), torch.load(f"{run}/ckpt.pt", weights_only=True)["model"]
+    table = "y_embedder.embedding_table.weight"
+    assert all(torch.equal(want[k], got[k]) for k in want if k != table)  # every other tensor exactly
+    torch.manual_seed(0)  # the rows of the 4 new classes: the run's own seeded init; the null row: the source's
+    fresh = DDT(replace(TINY, num_classes=4)).state_dict()[table]
+    assert torch.equal(got[table][:4], fresh[:4]) and torch.equal(got[table][4], want[table][10])
+    with pytest.raises(SystemExit, match=r"--init-from: .*x_embedder.proj.weight is \(32, 16\) there and \(32, 12\) "
+                                         r"here: latent channels x patch size\^2 is 16 there and 12 here"):
+        train.main(["--data", make_dataset(tmp_path / "c3", n=16), "--out-dir", str(tmp_path / "c3run"), *base,
+                    *FROZEN, "--init-from", released])  # 3 channels, not 4
+    with pytest.raises(SystemExit, match=r"x_embedder.proj.weight is \(32, 16\) there and \(32, 64\) here"):
+        train.main(["--data", make_dataset(tmp_path / "p4", n=16, latent_shape=(4, 8, 8)), "--out-dir",
+                    str(tmp_path / "p4run"), *base, "--patch-size", "4", *FROZEN, "--init-from", released])
+    with pytest.raises(SystemExit, match="--init-from .*nope.pt: no such file"):
+        train.main(["--data", "x", "--out-dir", "y", "--init-from", str(tmp_path / "nope.pt")])
+
+
+def test_grad_checkpoint_gives_the_same_gradients_saving_memory():
+    grads, saved = [], []
+    for on in (False, True):
+        model = tiny_model(seed=5)
+        model.grad_checkpoint = on
+        x, y, _, t, _ = tiny_step_inputs(model)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            out = model(x, t, y, repa_layer=2)
+        (out.v.pow(2).mean() + out.h.pow(2).mean()).backward()
+        grads.append([p.grad for p in model.parameters()])
+        saved.append(sum(kept))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert saved[1] < saved[0] / 3  # the blocks keep their inputs only

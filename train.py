@@ -1,21 +1,17 @@
 """
 Train a DDT (or its baseline, the improved DiT) with linear flow matching and REPA, as in the paper, from one CPU
-process to many GPUs.
+process to many GPUs (torchrun). The quick start in the README; the paper's run:
 
-    python train.py --data data/toy --out-dir runs/toy --model DDT-Toy/4 --global-batch-size 64 --lr 2e-3 \\
-        --max-steps 1500 --ckpt-every 250 --val-data data/toy_val       # the CPU quick start (see the README)
     torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
-    torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/idit-xl --model iDiT-XL/2 \\
-        --dino dinov2_vitb14_pretrain.pth                              # the paper's baseline: DDT without a decoder
 
-A step, in the order of this file: the global batch's VAE posteriors (data), a fresh latent x = mean + std * eps,
-noise, a time t = sigmoid(randn) and labels dropped to the null class (step_inputs); the loss, flow matching plus
-REPA (training_loss); its gradients in --grad-accum micro-steps, AdamW and the EMA (train_step, update_ema); the
-loop (train). Every draw of step s comes from a generator seeded by (--seed, s) and is made for the whole global
-batch, of which each rank keeps its slice: a step gives the same result on any number of ranks and micro-steps,
-and the step number is a run's whole data and random state, so rerunning the command resumes OUT/ckpt.pt
-exactly. With --val-data, a deterministic validation loss of the raw and EMA weights goes to the log. What keeps
-a run safe (one run per folder, stop signals, resume checks) is below the loop and in docs/reliability.md.
+A step, in the order of this file: the global batch's VAE posteriors (LatentBatches), a fresh latent x = mean +
+std * eps, noise, a time t = sigmoid(randn), labels dropped to the null class (step_inputs); the loss, flow
+matching plus REPA (training_loss); its gradients in --grad-accum micro-steps and AdamW (train_step); the EMA and
+the loop (train). Every draw of step s comes from a generator seeded by (--seed, s), made for the whole global
+batch, of which each rank keeps its slice: a step's result does not depend on the number of ranks or micro-steps,
+and the step number is a run's whole data and random state, so rerunning the command resumes OUT/ckpt.pt exactly.
+What keeps a run safe (one run per folder, stop signals, resume checks) is below the loop, in plumbing.py, and
+described in docs/reliability.md.
 """
 
 import argparse
@@ -214,7 +210,8 @@ def train(args, data, cfg, teacher, val, device, received):
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",  # prefetch
                                          prefetch_factor=4 if args.num_workers else None,  # the coming steps
                                          worker_init_fn=plumbing.ignore_stop_signals)
-    log, sums = plumbing.RunLog(os.path.join(args.out_dir, "log.jsonl"), step, args.max_steps), torch.zeros(4, device=device)
+    log = plumbing.RunLog(os.path.join(args.out_dir, "log.jsonl"), step, args.max_steps)
+    sums = torch.zeros(4, device=device)  # loss, fm, repa, grad_norm, summed over the steps since the last line
     log.print(describe_run(args, cfg, raw_model, data, val, step))
     grid_vae = sample.grid_decoder(meta, device) if args.sample_every else False
     flops = training_flops(student, teacher, meta)  # a training image, for MFU
@@ -222,14 +219,15 @@ def train(args, data, cfg, teacher, val, device, received):
     stop, writer = 0, plumbing.CheckpointWriter()
     for batch in loader:
         inputs = step_inputs(batch, step, data, teacher, args, device)
-        sums += train_step(model, opt, inputs, args)  # loss, fm, repa, grad_norm: summed on the device
+        sums += train_step(model, opt, inputs, args)
         step += 1
         update_ema(ema, raw_model, ema_decay(args, step))
 
         end = step == args.max_steps
-        logged, saved = every(args.log_every, step) or end, every(args.ckpt_every, step) or every(args.keep_every, step) or end
-        if logged or saved or every(SYNC_EVERY, step):  # the loop's only host syncs: no step waits for the last
-            check_finite(sums, log.since, step, args)  # no line and no checkpoint after a skipped update
+        logged = every(args.log_every, step) or end
+        saved = every(args.ckpt_every, step) or every(args.keep_every, step) or end
+        if logged or saved or every(10, step):  # the loop's only host syncs: no step waits for the one before
+            plumbing.check_finite(sums, log.since, step, args)  # no line, no checkpoint after a skipped update
             stop = plumbing.stop_requested(received if not end else [], device)
         if logged:  # the means since the last line, speed, MFU, time left
             rec = log.steps(step, sums, ("loss", "fm", "repa", "grad_norm"), args.global_batch_size, flops)
@@ -238,7 +236,8 @@ def train(args, data, cfg, teacher, val, device, received):
             log.write(rec := evaluate.val_record(step, raw_model, ema, val, device, args.precision))  # to a crash
             log.pause(rec["val_seconds"])  # is redone with its steps; speed counts training only
         if rank == 0 and (saved or stop):  # a CPU copy, written to disk in the background
-            writer.save(checkpoint(args, step, student, ema, opt, meta), checkpoint_paths(args, step))
+            keep = [f"{args.out_dir}/ckpt_{step:07d}.pt"] if every(args.keep_every, step) else []
+            writer.save(checkpoint(args, step, student, ema, opt, meta), [f"{args.out_dir}/ckpt.pt", *keep])
         if grid_vae is not False and (every(args.sample_every, step) or end):  # every rank samples a share
             path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
             sample.class_grid(ema, grid_vae, meta, path, args.seed, args.sample_steps, args.precision)
@@ -259,7 +258,7 @@ def main(argv=None):
     if not args.eval_only:
         plumbing.check_writable_dir("--out-dir", args.out_dir)
     rank, _, world, device = plumbing.setup_dist()
-    device_defaults(args, device)
+    plumbing.device_defaults(args, device)
     lock = None
     try:
         if args.global_batch_size % (world * args.grad_accum):
@@ -302,29 +301,6 @@ def checkpoint(args, step, student, ema, opt, meta):
                                            "num_classes", "class_names")}}
 
 
-def checkpoint_paths(args, step):
-    """OUT/ckpt.pt, and OUT/ckpt_STEP.pt every --keep-every steps."""
-    keep = [os.path.join(args.out_dir, f"ckpt_{step:07d}.pt")] if every(args.keep_every, step) else []
-    return [os.path.join(args.out_dir, "ckpt.pt"), *keep]
-
-
-SYNC_EVERY = 10  # steps: the loop reads the device (non-finite steps, stop signals) at least this often
-
-
-def check_finite(sums, since, step, args):
-    """Stop if a step since the last log line (`since`) had a non-finite loss or gradient: AdamW skipped its
-    update, and the message says what is kept and what to try."""
-    if torch.isfinite(sums).all():
-        return
-    ckpt = os.path.join(args.out_dir, "ckpt.pt")
-    kept = (f"{ckpt} keeps the last state written (rerunning resumes from it)" if os.path.exists(ckpt)
-            else "no checkpoint was written before it")
-    tips = "check the data or lower --lr" + (", or try --precision fp32" if args.precision != "fp32" else "")
-    steps = f"step {step}" if step - since == 1 else f"a step of {since + 1}..{step}"
-    plumbing.refuse(f"non-finite loss or gradient at {steps}; AdamW skipped its update and the run stopped: {kept}; "
-                    f"{tips}")
-
-
 # -----------------------------------------------------------------------------------------------
 # set-up: arguments, the model, resuming
 
@@ -332,49 +308,49 @@ def check_finite(sums, since, step, args):
 def get_args(argv=None):
     p = plumbing.ArgumentParser("Train DDT (flow matching + REPA). Defaults are the paper's, except the EMA "
                                 "warm-up (--no-ema-warmup). Every --*-every flag: 0 turns it off.")
-    count, every_n, share = plumbing.number(int, 1), plumbing.number(int, 0), plumbing.number(float, 0, 1)
-    p.add_argument("--data", required=True, help="dataset directory from prepare_latents.py")
-    p.add_argument("--out-dir", required=True, help="run directory: ckpt.pt, log.jsonl, samples/")
+    count, every_n, share, positive = (plumbing.number(int, 1), plumbing.number(int, 0), plumbing.number(float, 0, 1),
+                                       plumbing.number(float, 0))
+    add = p.add_argument
+    add("--data", required=True, help="dataset directory from prepare_latents.py")
+    add("--out-dir", required=True, help="run directory: ckpt.pt, log.jsonl, samples/")
     add_model_args(p, default="DDT-XL/2")
-    p.add_argument("--global-batch-size", type=count, default=256, help="images per optimizer step, all ranks")
-    p.add_argument("--grad-accum", type=count, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=plumbing.number(float, 0), default=1e-4, help="AdamW learning rate (constant)")
-    p.add_argument("--betas", type=plumbing.number(float, 0, 1, open_hi=True), nargs=2, default=(0.9, 0.95),
-                   help="AdamW betas")
-    p.add_argument("--weight-decay", type=plumbing.number(float, 0), default=0.0, help="AdamW weight decay")
-    p.add_argument("--ema-decay", type=share, default=0.9999, help="EMA decay of the sampling weights")
-    p.add_argument("--no-ema-warmup", action="store_true",
-                   help="plain decay from step 0 as in the paper (default: min(decay, (1+s)/(10+s)))")
-    p.add_argument("--max-steps", type=count, help="default: 256 epochs of the dataset")
-    p.add_argument("--seed", type=plumbing.number(int, 0), default=0, help="init, data order and every draw")
-    p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on a GPU, not on the CPU)")
-    p.add_argument("--log-every", type=every_n, default=100, help="steps per log line (the last step logs too)")
-    p.add_argument("--ckpt-every", type=every_n, default=10000, help="steps between checkpoints OUT/ckpt.pt "
-                                                                     "(the last step writes one too)")
-    p.add_argument("--keep-every", type=every_n, default=0, help="also keep ckpt_STEP.pt every this many steps")
-    p.add_argument("--sample-every", type=every_n, default=10000, help="EMA sample grid every this many steps")
-    p.add_argument("--sample-steps", type=count, default=50, help="Euler steps for the sample grids")
-    p.add_argument("--grad-clip", type=plumbing.number(float, 0), default=0.0, help="max grad norm (0: off, as "
-                                                                                     "released)")
-    p.add_argument("--dino", help="DINOv2 weights (dinov2_vitb14_pretrain.pth) to turn REPA on")
-    p.add_argument("--repa-layer", type=count, default=8,
-                   help="encoder block (1-based; of an improved DiT, any block) aligned to DINOv2")
-    p.add_argument("--repa-weight", type=plumbing.number(float, 0), default=0.5, help="weight of the REPA loss")
-    p.add_argument("--class-dropout", type=share, default=0.1, help="share of labels set to the null class")
-    p.add_argument("--num-workers", type=plumbing.number(int, 0), help="data loader processes per rank (default: "
-                                                                         "4 on a GPU, 2 on the CPU)")
-    p.add_argument("--val-data", help="held-out dataset from prepare_latents.py (same VAE, resolution and classes "
-                                      "as --data) for the validation loss")
-    p.add_argument("--val-every", type=every_n, help="steps between validation losses (default: --ckpt-every)")
-    p.add_argument("--val-size", type=count, help="validate on the first this many images of the val set's fixed "
-                                                  "seeded order (default: all its valid images)")
-    p.add_argument("--eval-only", action="store_true",
-                   help="print the validation loss of OUT/ckpt.pt (needs --val-data) and exit, writing nothing")
+    add("--global-batch-size", type=count, default=256, help="images per optimizer step, all ranks")
+    add("--grad-accum", type=count, default=1, help="micro-steps per optimizer step")
+    add("--lr", type=positive, default=1e-4, help="AdamW learning rate (constant)")
+    add("--betas", type=plumbing.number(float, 0, 1, open_hi=True), nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    add("--weight-decay", type=positive, default=0.0, help="AdamW weight decay")
+    add("--ema-decay", type=share, default=0.9999, help="EMA decay of the sampling weights")
+    add("--no-ema-warmup", action="store_true", help="plain decay from step 0 as in the paper (default: min(decay, "
+                                                     "(1+s)/(10+s)))")
+    add("--max-steps", type=count, help="default: 256 epochs of the dataset")
+    add("--init-from", metavar="CKPT", help="start from CKPT's EMA weights (a run's ckpt.pt, or a released "
+                                            "checkpoint with --model): fine-tuning, at another resolution or classes")
+    add("--grad-checkpoint", action="store_true", help="recompute the blocks' activations in the backward pass")
+    add("--seed", type=plumbing.number(int, 0), default=0, help="init, data order and every draw")
+    add("--precision", choices=("bf16", "fp32"), help="default: bf16 autocast on a GPU, fp32 on the CPU")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on a GPU)")
+    add("--log-every", type=every_n, default=100, help="steps per log line (and the last step)")
+    add("--ckpt-every", type=every_n, default=10000, help="steps per checkpoint OUT/ckpt.pt (and the last step)")
+    add("--keep-every", type=every_n, default=0, help="also keep ckpt_STEP.pt every this many steps")
+    add("--sample-every", type=every_n, default=10000, help="steps per EMA sample grid OUT/samples/STEP.png")
+    add("--sample-steps", type=count, default=50, help="Euler steps for the sample grids")
+    add("--grad-clip", type=positive, default=0.0, help="max grad norm (0: off, as released)")
+    add("--dino", help="DINOv2 weights (dinov2_vitb14_pretrain.pth) to turn REPA on")
+    add("--repa-layer", type=count, default=8, help="encoder block aligned to DINOv2 (1-based)")
+    add("--repa-weight", type=positive, default=0.5, help="weight of the REPA loss")
+    add("--class-dropout", type=share, default=0.1, help="share of labels set to the null class")
+    add("--num-workers", type=plumbing.number(int, 0), help="data loader processes a rank (default: 4 on a GPU, "
+                                                            "2 on the CPU)")
+    add("--val-data", help="held-out dataset (same VAE, resolution, classes as --data) for the validation loss")
+    add("--val-every", type=every_n, help="steps per validation loss (default: --ckpt-every)")
+    add("--val-size", type=count, help="validate on the first this many images of the val set's fixed seeded "
+                                        "order (default: all)")
+    add("--eval-only", action="store_true", help="print the validation loss of OUT/ckpt.pt and exit, writing nothing")
     args = p.parse_args(argv)
     if args.eval_only and not args.val_data:
         p.error("--eval-only needs --val-data")
+    if args.init_from and not os.path.isfile(args.init_from):
+        p.error(f"--init-from {args.init_from}: no such file (a run's ckpt.pt, or a released checkpoint)")
     args.val_every = args.ckpt_every if args.val_every is None else args.val_every
     return args
 
@@ -409,6 +385,7 @@ def build(cfg, teacher, args, device):
     """(ModelWithProjector: the model and the REPA projector, the model's float32 EMA, AdamW), seeded by --seed."""
     torch.manual_seed(args.seed)
     model = ddt.DDT(cfg)
+    model.grad_checkpoint = args.grad_checkpoint
     student = ModelWithProjector(model, teacher.embed_dim if teacher else 0, args.repa_layer).to(device)
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),  # fused: found_inf
@@ -427,19 +404,20 @@ def resume_or_start(args, student, ema, opt, device):
     modules = {"model": student.model, "ema": ema, "projector": student.projector}
     hyper = dict(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)  # the flags win (a lower --lr)
     step = plumbing.resume_run(args.out_dir, checks, modules, opt, hyper, device)
+    if args.init_from and step:
+        plumbing.print0(f"{args.out_dir} holds a run at step {step}: resuming it (--init-from only starts a run)")
+    elif args.init_from:  # the model and its EMA from the source's EMA weights; optimizer, step, data order: new
+        try:
+            fresh = pretrained.init_weights(args.init_from, student.model, student.projector)
+        except (OSError, ValueError) as e:  # pretrained.CheckpointError is a ValueError
+            plumbing.refuse(f"--init-from: {e}")
+        ema.load_state_dict(student.model.state_dict())
+        plumbing.print0(f"initialized from {args.init_from} (its EMA weights)" + "; made afresh: " * bool(fresh)
+                        + "; ".join(fresh))
     if step > args.max_steps:
         raise SystemExit(f"{args.out_dir}/ckpt.pt is at step {step}, past --max-steps {args.max_steps}; raise "
                          f"--max-steps to train on, or use another --out-dir")
     return step
-
-
-def device_defaults(args, device):
-    """The flags whose default depends on the device: on a GPU bf16 autocast, torch.compile and 4 data loader
-    workers a rank; on the CPU float32, eager and 2 workers."""
-    gpu = device.type == "cuda"
-    args.precision = args.precision or ("bf16" if gpu else "fp32")
-    args.compile = gpu if args.compile is None else args.compile
-    args.num_workers = (4 if gpu else 2) if args.num_workers is None else args.num_workers
 
 
 def training_flops(student, teacher, meta):

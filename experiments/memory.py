@@ -32,43 +32,52 @@ GPUS = {"H100 (78 GiB)": 78, "H200 (139 GiB)": 139}  # what the lent cards offer
 GIB = 2 ** 30
 
 
-def measure(model, precision, batch, image_size):
+def measure(model, precision, batch, image_size, grad_checkpoint=False):
     """One case in this process: bench.step_memory of a TrainStep, and the parameters' count."""
     torch.manual_seed(0)
     net = ddt.DDT(ddt.PRESETS[model])
+    net.grad_checkpoint = grad_checkpoint
     device = torch.device("cpu")
     step = bench.TrainStep(net, batch, (4, image_size, image_size), device, precision,
                            teacher=bench.random_teacher(device))
     return bench.step_memory(step) | {"params": sum(p.numel() for p in net.parameters())}
 
 
-def fit(results, model, precision):
-    """(state bytes, fixed activation bytes, activation bytes per image) from micro-batches 1 and 2."""
-    one, two = (results[f"{model} {precision} {b}"] for b in (1, 2))
+def fit(results, model, precision, tag=""):
+    """(state bytes, fixed activation bytes, activation bytes per image) from micro-batches 1 and 2. With
+    --grad-checkpoint (tag " gc") the step keeps the blocks' inputs, and its backward pass recomputes one block's
+    activations at a time on top of them: a block's share of the activations without checkpointing is added."""
+    one, two = (results[f"{model} {precision} {b}{tag}"] for b in (1, 2))
     state = sum(one[k] for k in ("weights", "gradients", "adamw", "ema", "teacher"))
     per_image = two["activations"] - one["activations"]
-    return state, one["activations"] - per_image, per_image
+    fixed = one["activations"] - per_image
+    if tag:
+        cfg = ddt.PRESETS[model]
+        _, plain_fixed, plain_per_image = fit(results, model, precision)
+        fixed += plain_fixed / (cfg.encoder_depth + cfg.decoder_depth)
+        per_image += plain_per_image / (cfg.encoder_depth + cfg.decoder_depth)
+    return state, fixed, per_image
 
 
-def table(results):
-    """The markdown summary of memory.json."""
-    lines = ["| model | precision | parameters | state (weights, gradients, AdamW, EMA, teacher) | activations: fixed "
-             "+ per image | predicted at 32 images | " + " | ".join(f"largest micro-batch, {g}" for g in GPUS) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(GPUS)]
-    for model in MODELS:
-        for precision in ("bf16", "fp32"):
-            state, fixed, per_image = fit(results, model, precision)
-            params = results[f"{model} {precision} 1"]["params"]
-            fits = [int((cap * GIB - state - fixed) // per_image) for cap in GPUS.values()]
-            lines.append(f"| {model} | {precision} | {params / 1e6:.1f}M | {state / GIB:.2f} GiB | "
-                         f"{fixed / GIB:.2f} + {per_image / GIB:.3f} GiB | "
-                         f"{(state + fixed + 32 * per_image) / GIB:.1f} GiB | " + " | ".join(map(str, fits)) + " |")
-    lines += ["", "Each case as measured (one step after a warm-up, CPU, GiB): predicted = state + activations; "
-              "the peak is the whole process's resident memory in that step.", "",
+def table(results, per_gpu):
+    """The markdown summary of memory.json's cases; the prediction at `per_gpu` images a GPU (the paper's)."""
+    lines = [f"| model | precision | parameters | state (weights, gradients, AdamW, EMA, teacher) | activations: fixed "
+             f"+ per image | predicted at {per_gpu} images | " + " | ".join(f"largest micro-batch, {g}" for g in GPUS)
+             + " |", "|---|---|---|---|---|---|" + "---|" * len(GPUS)]
+    for model, precision, tag in dict.fromkeys((*n.split()[:2], n[len(n.rstrip(" gc")):]) for n in results):
+        state, fixed, per_image = fit(results, model, precision, tag)
+        params = results[f"{model} {precision} 1{tag}"]["params"]
+        fits = [int((cap * GIB - state - fixed) // per_image) for cap in GPUS.values()]
+        lines.append(f"| {model}{', --grad-checkpoint' if tag else ''} | {precision} | {params / 1e6:.1f}M | "
+                     f"{state / GIB:.2f} GiB | {fixed / GIB:.2f} + {per_image / GIB:.3f} GiB | "
+                     f"{(state + fixed + per_gpu * per_image) / GIB:.1f} GiB | " + " | ".join(map(str, fits)) + " |")
+    lines += ["", "Each case as measured (one step after a warm-up, CPU, GiB): predicted = state + activations (with "
+              "--grad-checkpoint, + one block's recomputed activations); the peak is the whole process's resident "
+              "memory in that step.", "",
               "| case | loss | seconds | activations saved | predicted | peak resident |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        model, precision, batch = name.split()
-        state, fixed, per_image = fit(results, model, precision)
+        model, precision, batch, *tag = name.split()
+        state, fixed, per_image = fit(results, model, precision, " gc" if tag else "")
         predicted = state + fixed + int(batch) * per_image
         lines.append(f"| {name} | {r['loss']:.4f} | {r['seconds']:.1f} | {r['activations'] / GIB:.3f} | "
                      f"{predicted / GIB:.2f} | {r['peak'] / GIB:.2f} |")
@@ -80,6 +89,9 @@ def main(argv=None):
                                 "micro-batches that fit one GPU.")
     p.add_argument("--out", required=True, help="folder for memory.json and memory.md")
     p.add_argument("--image-size", type=int, default=32, help="latent height = width (32: 256 px images)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="the models measured")
+    p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    p.add_argument("--grad-checkpoint", action="store_true", help="also the cases with train.py --grad-checkpoint")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "memory.json")
@@ -88,20 +100,23 @@ def main(argv=None):
         raise SystemExit(f"{path} holds cases at --image-size {results['image_size']}: use another --out")
     results["image_size"] = args.image_size
     spawn = multiprocessing.get_context("spawn")  # a fresh process a case: its peak is its own
-    for model, precision, batch in CASES:
-        name = f"{model} {precision} {batch}"
+    cases = [(m, p, b, gc) for m, p, b in CASES for gc in (False, True)[:1 + args.grad_checkpoint]
+             if m in args.models and p in args.precisions and (b < 4 or args.image_size == 32)]
+    for model, precision, batch, gc in cases:
+        name = f"{model} {precision} {batch}" + " gc" * gc
         if name in results.get("cases", {}):
             continue
         with spawn.Pool(1) as pool:
-            rec = pool.apply(measure, (model, precision, batch, args.image_size))
+            rec = pool.apply(measure, (model, precision, batch, args.image_size, gc))
         results.setdefault("cases", {})[name] = rec
         print(name, {k: v if k in ("loss", "seconds", "params") else round(v / GIB, 3) for k, v in rec.items()},
               flush=True)
         with plumbing.atomic_write(path, "w") as f:  # after each case: a rerun goes on from here
             json.dump(results, f, indent=1)
+    md = table(results["cases"], 32 if args.image_size == 32 else 16)  # the paper's images a GPU: 256 px, 512 px
     with plumbing.atomic_write(os.path.join(args.out, "memory.md"), "w") as f:
-        f.write(table(results["cases"]))
-    print(table(results["cases"]))
+        f.write(md)
+    print(md)
 
 
 if __name__ == "__main__":
