@@ -249,8 +249,9 @@ def save_grid(path, images, labels, class_names=None, per_row=10):
 
 class Parts:
     """sample.py --npz's finished batches, resumable: NPZ_parts/START_END_TAG.npz, TAG naming the settings (so parts
-    of other settings never mix in). Rank 0 lists the batches left for all ranks (one list: every batch has one owner, every rank
-    makes the same number of rounds), before any rank writes new parts. Without --npz: no files, all batches left."""
+    of other settings never mix in). Rank 0 lists the batches left for all ranks (one list: every batch has one
+    owner, every rank makes the same number of rounds), before any rank writes new parts. Without --npz: no
+    files, all batches left."""
 
     def __init__(self, npz, tag, n, batch_size):
         self.npz, self.tag, self.n = npz, from_rank0(tag), n  # rank 0 decides: every rank names parts alike
@@ -553,7 +554,7 @@ def weights_digest(model):
 
 
 def same_on_all_ranks(value, device, what):
-    """`value` (an int) after checking that every rank has it; SystemExit `what` (a message naming the values) if not."""
+    """`value` (an int) after checking that every rank has it; SystemExit `what` (naming the values) if not."""
     if not dist.is_initialized():
         return value
     v = torch.tensor([value, -value], device=device)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddt import DDT, PRESETS, DDTConfig
-from plumbing import CheckpointError, all_gather, load_checkpoint, weights_digest
+from plumbing import CheckpointError, all_gather, load_checkpoint, print0, weights_digest
 
 # -----------------------------------------------------------------------------------------------
 # DDT weights from this project's checkpoints or the released Lightning files, loaded strictly with messages that
@@ -181,6 +181,17 @@ def sampling_checkpoint(args):
     size = args.image_size // 8  # SD-VAE latents
     return ckpt, config, dict(latent_shape=(PRESETS[config].in_channels, size, size), scale=VAE_SCALE,
                               vae="sd-vae-ft-ema", class_names=None)
+
+
+def dataset_vae(meta, device):
+    """The VAE of a latent dataset (its meta.json), to decode train.py's grids: None in pixel space, False where
+    the VAE is not there any more (the grids are then off)."""
+    if meta["vae"] == "none":
+        return None
+    if not os.path.exists(meta["vae"]):
+        print0(f"sample grids off: the dataset's VAE {meta['vae']} is not there any more")
+        return False
+    return load_vae(meta["vae"]).to(device)
 
 
 def load_for_sampling(args, device):

@@ -278,17 +278,6 @@ def class_grid(model, vae, meta, path, seed=0, num_steps=50, precision="fp32"):
         plumbing.save_grid(path, np.stack([images[i] for i in range(len(labels))]), labels, meta.get("class_names"))
 
 
-def grid_decoder(meta, device):
-    """The VAE that decodes a latent dataset's grids: None in pixel space, False if the VAE is not there any more."""
-    if meta["vae"] == "none":
-        return None
-    if not os.path.exists(meta["vae"]):
-        if plumbing.rank_world()[0] == 0:
-            print(f"sample grids off: the dataset's VAE {meta['vae']} is not there any more")
-        return False
-    return pretrained.load_vae(meta["vae"]).to(device)
-
-
 # -----------------------------------------------------------------------------------------------
 # command line
 
@@ -329,7 +318,8 @@ def run(args, sampler, device, received):
     settings = dict(weights=info["digest"], seed=args.seed, sampler=asdict(sampler), encoder_steps=steps,
                     precision=args.precision, vae=args.vae, classes=classes, latent_shape=list(info["latent_shape"]),
                     model=asdict(model.cfg))
-    parts = plumbing.Parts(args.npz, hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10], n, args.batch_size)
+    tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # parts of other settings never mix in
+    parts = plumbing.Parts(args.npz, tag, n, args.batch_size)
     t0 = time.time()
     kept, count = sample_batches(model, vae, info, parts, labels, (sampler, steps), args, received)
     kept = plumbing.gather_to_rank0(kept)
@@ -357,21 +347,21 @@ def run(args, sampler, device, received):
 def sample_batches(model, vae, info, parts, labels, schedule, args, received):
     """This rank's share of the batches not yet on disk (parts.todo), each sampled with `schedule` (the Sampler,
     the encoder steps), decoded to uint8, saved as a part (with --npz) or kept in memory: returns ({index: image},
-    a Counter of the encoder's and decoder's images). A stop signal, checked before each batch on every rank (a collective), ends every rank with
-    plumbing.EXIT_STOPPED, keeping the finished parts."""
+    a Counter of the encoder's and decoder's images). A stop signal, checked before each batch on every rank (a
+    collective), ends every rank with plumbing.EXIT_STOPPED, keeping the finished parts."""
     (sampler, steps), count = schedule, Counter()
     rank, world = plumbing.rank_world()
     kept, mine, device = {}, parts.todo[rank::world], next(model.parameters()).device
-    for r in tqdm(range(math.ceil(len(parts.todo) / world)), disable=rank != 0, desc=f"sampling on {world} rank(s)"):
-        if stop := plumbing.stop_requested(received, device):  # every rank makes the same number of rounds
-            if rank == 0:
-                kept_msg = f"the finished batches are kept in {parts.dir}" if parts.dir else "nothing is kept without --npz"
-                print(f"stopped by {signal.Signals(stop).name}: {kept_msg}; rerun the same command to resume", flush=True)
+    rounds = math.ceil(len(parts.todo) / world)  # the same on every rank: the stop check is a collective
+    for r in tqdm(range(rounds), disable=rank != 0, desc=f"sampling on {world} rank(s)"):
+        if stop := plumbing.stop_requested(received, device):
+            kept_msg = f"the finished batches are kept in {parts.dir}" if parts.dir else "nothing is kept without --npz"
+            plumbing.print0(f"stopped by {signal.Signals(stop).name}: {kept_msg}; rerun the same command to resume")
             raise SystemExit(plumbing.EXIT_STOPPED)
         if r == len(mine):  # this rank's last round is empty
             continue
         s, e = mine[r]
-        noise, generators = image_noise(args.seed, range(s, e), info["latent_shape"])  # (b, C, H, W), a generator each
+        noise, generators = image_noise(args.seed, range(s, e), info["latent_shape"])  # (b, C, H, W), generators
         with plumbing.autocast(device, args.precision):
             x = sample_loop(model, noise.to(device), torch.tensor(labels[s:e], device=device), sampler, steps,
                             generators, watch=count_evals(count))
@@ -394,10 +384,10 @@ def sharing_schedule(args, sampler, model, latent_shape, cache_dirs):
     if args.sharing == "uniform":
         print(f"encoder steps (uniform): {(steps := uniform_schedule(N, k))}")
         return steps
-    key = json.dumps(dict(sharing=args.sharing, k=k, sampler=asdict(sampler) | {"cfg_interval": list(
-        sampler.cfg_interval)}, latent_shape=list(latent_shape), precision=args.precision,
-        device=next(model.parameters()).device.type, model=asdict(model.cfg),
-        ckpt_bytes=os.path.getsize(args.ckpt), ckpt_mtime=os.path.getmtime(args.ckpt)))
+    key = json.dumps(dict(sharing=args.sharing, k=k, sampler=asdict(sampler), latent_shape=list(latent_shape),
+                          precision=args.precision, device=next(model.parameters()).device.type,
+                          model=asdict(model.cfg), ckpt_bytes=os.path.getsize(args.ckpt),
+                          ckpt_mtime=os.path.getmtime(args.ckpt)))
     paths = [os.path.join(d, os.path.basename(args.ckpt) + ".sharing.json") for d in cache_dirs]
     entry, path = plumbing.json_cache(paths, key, lambda: dp_schedule(model, sampler, latent_shape, k, args.precision))
     print(f"encoder steps (DP, reuse cost {entry['cost']:.4f} vs uniform {entry['uniform_cost']:.4f}"
@@ -417,38 +407,31 @@ def dp_schedule(model, sampler, latent_shape, k, precision):
 def parse_args(argv=None):
     """(args, Sampler): the flags, every one checked before any work."""
     p = plumbing.ArgumentParser(__doc__.split("\n\n")[0])
-    count, real = plumbing.number(int, 1), plumbing.number(float)
-    p.add_argument("--ckpt", required=True, help="project checkpoint, or a released Lightning one (see --model)")
-    p.add_argument("--model", choices=list(ddt.PRESETS), metavar="PRESET",
-                   help="the preset of a released checkpoint (default DDT-XL/2): one of " + ", ".join(ddt.PRESETS))
-    p.add_argument("--image-size", type=plumbing.number(int, 8), default=256,
-                   help="released checkpoints: image size (latents: / 8)")
-    p.add_argument("--vae", help="SD-VAE folder or weights file (latent models only)")
-    p.add_argument("--classes", type=plumbing.number(int, 0), nargs="+", help="class of each sample (cycled)")
-    p.add_argument("--num-samples", type=count, help="default: len(--classes), else 8")
-    p.add_argument("--num-steps", type=count, default=250, help="solver steps N (the paper: 250)")
-    p.add_argument("--solver", choices=["euler", "adams"], default="euler",
-                   help="euler: the released EulerSampler; adams: the released AdamLMSampler (linear multistep)")
-    p.add_argument("--order", type=int, choices=[1, 2, 3],
-                   help="--solver adams: how many past velocities each step combines (default 2, as released)")
-    p.add_argument("--sde", choices=["none", *SDE_RULES], default="none",
-                   help="--solver euler: the released stochastic step rule (default none: the ODE)")
-    p.add_argument("--cfg-scale", type=real, default=1.0, help="guidance scale (paper: 2.0 at 256 px)")
-    p.add_argument("--cfg-interval", type=real, nargs=2, default=[0.3, 1.0], metavar=("MIN", "MAX"),
-                   help="guidance only while MIN < t < MAX")
-    p.add_argument("--timeshift", type=plumbing.number(float, 0, open_lo=True), default=1.0,
-                   help="time grid warp t / (t + (1 - t) shift)")
-    p.add_argument("--last-step", type=plumbing.number(float, 0, 1, open_lo=True), default=0.04,
-                   help="length of the final step to t = 1")
-    p.add_argument("--seed", type=plumbing.number(int, 0), default=0, help="noise of sample i comes from (seed, i)")
-    p.add_argument("--encoder-steps", type=count, help="encoder runs K (default: every step)")
-    p.add_argument("--sharing", choices=["dp", "uniform"], default="dp",
-                   help="which K steps run the encoder: the DP on the paper's cosine cost, or spread evenly")
-    p.add_argument("--batch-size", type=count, default=32, help="per rank")
-    p.add_argument("--out", help="labelled grid image (default samples.png without --npz)")
-    p.add_argument("--npz", help="ADM-evaluator .npz (arr_0 uint8 NHWC, arr_1 int64 labels)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--allow-pickle", action="store_true", help="trust a checkpoint that needs pickle")
+    count, real, add = plumbing.number(int, 1), plumbing.number(float), p.add_argument
+    add("--ckpt", required=True, help="project checkpoint, or a released Lightning one (see --model)")
+    add("--model", choices=list(ddt.PRESETS), metavar="PRESET",
+        help="the preset of a released checkpoint (default DDT-XL/2): one of " + ", ".join(ddt.PRESETS))
+    add("--image-size", type=plumbing.number(int, 8), default=256, help="released checkpoints: image size")
+    add("--vae", help="SD-VAE folder or weights file (latent models only)")
+    add("--classes", type=plumbing.number(int, 0), nargs="+", help="class of each sample (cycled)")
+    add("--num-samples", type=count, help="default: len(--classes), else 8")
+    add("--num-steps", type=count, default=250, help="solver steps N (the paper: 250)")
+    add("--solver", choices=["euler", "adams"], default="euler", help="the released EulerSampler or AdamLMSampler")
+    add("--order", type=int, choices=[1, 2, 3], help="--solver adams: past velocities a step combines (default 2)")
+    add("--sde", choices=["none", *SDE_RULES], default="none", help="--solver euler: a released stochastic step")
+    add("--cfg-scale", type=real, default=1.0, help="guidance scale (paper: 2.0 at 256 px)")
+    add("--cfg-interval", type=real, nargs=2, default=[0.3, 1.0], metavar=("MIN", "MAX"),
+        help="guidance only while MIN < t < MAX")
+    add("--timeshift", type=plumbing.number(float, 0, open_lo=True), default=1.0, help="time grid warp")
+    add("--last-step", type=plumbing.number(float, 0, 1, open_lo=True), default=0.04, help="the final step's length")
+    add("--seed", type=plumbing.number(int, 0), default=0, help="noise of sample i comes from (seed, i)")
+    add("--encoder-steps", type=count, help="encoder runs K (default: every step)")
+    add("--sharing", choices=["dp", "uniform"], default="dp", help="which K steps: the paper's DP, or evenly spread")
+    add("--batch-size", type=count, default=32, help="per rank")
+    add("--out", help="labelled grid image (default samples.png without --npz)")
+    add("--npz", help="ADM-evaluator .npz (arr_0 uint8 NHWC, arr_1 int64 labels)")
+    add("--precision", choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on the CPU")
+    add("--allow-pickle", action="store_true", help="trust a checkpoint that needs pickle")
     args = p.parse_args(argv)
     if args.order is not None and args.solver != "adams":
         p.error(f"--order {args.order} is for --solver adams (Euler is order 1); add --solver adams or drop --order")
@@ -463,7 +446,7 @@ def parse_args(argv=None):
         p.error(str(e))
     args.out = args.out or (None if args.npz else "samples.png")
     plumbing.check_writable(("--out", args.out), ("--npz", args.npz))  # before sampling, not after
-    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    plumbing.device_defaults(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return args, sampler
 
 

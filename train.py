@@ -213,7 +213,7 @@ def train(args, data, cfg, teacher, val, device, received):
     log = plumbing.RunLog(os.path.join(args.out_dir, "log.jsonl"), step, args.max_steps)
     sums = torch.zeros(4, device=device)  # loss, fm, repa, grad_norm, summed over the steps since the last line
     log.print(describe_run(args, cfg, raw_model, data, val, step))
-    grid_vae = sample.grid_decoder(meta, device) if args.sample_every else False
+    grid_vae = pretrained.dataset_vae(meta, device) if args.sample_every else False
     flops = training_flops(student, teacher, meta)  # a training image, for MFU
 
     stop, writer = 0, plumbing.CheckpointWriter()
