@@ -3363,3 +3363,47 @@ def test_grad_checkpoint_gives_the_same_gradients_saving_memory():
         saved.append(sum(kept))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert saved[1] < saved[0] / 3  # the blocks keep their inputs only
+
+
+# =============================================================================================
+# pins: the numbers a reader reruns (the README's quick start, the miniature study) come from today's code
+
+PINS = os.path.join(TESTDATA, "pins.json")
+PIN_MESSAGE = ("the {} gives other numbers than testdata/pins.json: if the change was meant to alter the numbers, "
+               "rerun the README's quick start and the width-64 study and update the README, RESULTS and "
+               "testdata/pins.json together (NANODDT_UPDATE_PINS=1 python -m pytest -k pin rewrites the file)")
+
+
+def check_pin(name, values):
+    """values against the committed ones, to float32 tolerance (other CPUs round differently in the last bits)."""
+    pins = json.load(open(PINS)) if os.path.exists(PINS) else {}
+    if os.environ.get("NANODDT_UPDATE_PINS"):
+        with plumbing.atomic_write(PINS, "w") as f:
+            json.dump(pins | {name: values}, f, indent=1)
+        return
+    assert name in pins and np.allclose(values, pins[name], rtol=1e-4, atol=0), (PIN_MESSAGE.format(name), values)
+
+
+def test_pin_the_quick_start(toy_data, tmp_path):
+    """The quick start's command for 6 steps (its data, model, batch, lr: the data order, the draws, the loss, AdamW
+    and the EMA), logged every step, the EMA's validation loss at steps 3 and 6 on the toy val set's first 64."""
+    val = str(tmp_path / "val")
+    prepare_latents.main(["--toy", "--split", "val", "--out", val])
+    run = str(tmp_path / "run")
+    train.main(["--data", toy_data, "--out-dir", run, "--model", "DDT-Toy/4", "--global-batch-size", "64", "--lr",
+                "2e-3", "--max-steps", "6", "--log-every", "1", "--ckpt-every", "3", "--val-data", val, "--val-size",
+                "64", "--sample-every", "0", "--num-workers", "0"])
+    log = read_log(run)
+    check_pin("quick start", [r["loss"] for r in log if "loss" in r] + [r["val_loss_ema"] for r in log
+                                                                         if "val_loss_ema" in r])
+
+
+def test_pin_the_study_harness(tmp_path):
+    """The width-64 study's harness (experiments.study: its model flags, patch 2, batch 64, lr 2e-3) for 4 steps
+    of the improved DiT and 6En2De on hand-made 16 px data: the EMA val-loss curves."""
+    data, val = make_dataset(tmp_path / "d", n=128, latent_shape=(3, 16, 16), num_classes=10), \
+        make_dataset(tmp_path / "v", n=64, latent_shape=(3, 16, 16), num_classes=10, seed=1)
+    results = study.main(["--data", data, "--val-data", val, "--out-dir", str(tmp_path / "s"), "--hidden-size", "64",
+                          "--num-heads", "4", "--encoder-depths", "8", "6", "--seeds", "0", "--steps", "4",
+                          "--val-every", "2", "--num-samples", "0"])
+    check_pin("study harness", [v for r in results for _, v in r["curves"]["0"]])
