@@ -225,7 +225,7 @@ class DDTConfig:
 class Output(NamedTuple):
     v: torch.Tensor  # (B, C, H, W) the velocity
     z: Optional[torch.Tensor]  # (B, N, D) the self-condition; None for the improved DiT
-    h: Optional[torch.Tensor]  # (B, N, D) the output of encoder block repa_layer; None without repa_layer
+    h: Optional[torch.Tensor]  # (B, N, D) encoder block repa_layer's output; None without it or with a given z
 
 
 class DDT(nn.Module):
@@ -261,7 +261,8 @@ class DDT(nn.Module):
 
     def forward(self, x, t, y, z=None, repa_layer=None):
         """x_t (B, C, H, W), t (B,), y (B,) -> Output(v, z, h). Given z (from an earlier sampling step), the
-        encoder is skipped and that z is reused. repa_layer = k (1-based) also returns h, encoder block k's output."""
+        encoder is skipped and that z is reused: t and y are then unused, the decoder sees them only through z, as
+        the paper designs it. repa_layer = k (1-based) also returns h, encoder block k's output."""
         self.check_input(x, z)
         h = None
         if z is None:  # the condition encoder: x_t, t, y -> z
@@ -269,36 +270,37 @@ class DDT(nn.Module):
             c = F.silu(t_emb + self.y_embedder(y)[:, None])  # (B, 1, D): one condition per image
             s, h = self.encode(x, c, repa_layer)  # (B, N, D)
             if not self.cfg.decoder_depth:  # the improved DiT ends here: its final layer, modulated by c
-                return Output(self.final(s, c, x), None, h)
+                return Output(self.final(s, c, x.shape), None, h)
             z = F.silu(t_emb + s)  # (B, N, D): the self-condition, one per token
         return Output(self.decode(x, z), z, h)  # the velocity decoder: x_t, z -> v
 
     def encode(self, x, c, repa_layer=None):
         """The encoder's blocks on x_t, each modulated by c (B, 1, D): (s (B, N, D) their output, h)."""
-        rope = self.rope(x)
+        rope = self.rope_tables(x)
         s, h = (self.s_embedder if self.cfg.decoder_depth else self.x_embedder)(x), None  # (B, N, D)
         for i, block in enumerate(self.blocks[: self.cfg.encoder_depth], start=1):
-            s = self.run(block, s, c, rope)  # (B, N, D)
+            s = self.run_block(block, s, c, rope)  # (B, N, D)
             h = s if i == repa_layer else h
         return s, h
 
     def decode(self, x, z):
         """The decoder's blocks on x_t, each and the final layer modulated per token by z: the velocity v."""
-        rope = self.rope(x)
+        rope = self.rope_tables(x)
         u = self.x_embedder(x)  # (B, N, D)
         for block in self.blocks[self.cfg.encoder_depth:]:
-            u = self.run(block, u, z, rope)  # (B, N, D)
-        return self.final(u, z, x)
+            u = self.run_block(block, u, z, rope)  # (B, N, D)
+        return self.final(u, z, x.shape)
 
-    def run(self, block, x, c, rope):
+    def run_block(self, block, x, c, rope):
         if self.grad_checkpoint and torch.is_grad_enabled():  # keep only the block's input for the backward pass
             return torch.utils.checkpoint.checkpoint(block, x, c, rope, use_reentrant=False)
         return block(x, c, rope)
 
-    def final(self, u, c, x):
-        return unpatchify(self.final_layer(u, c), self.cfg.patch_size, x.shape[2], x.shape[3])  # (B, C, H, W)
+    def final(self, u, c, shape):
+        # the final layer, modulated by c (per image) or z (per token), back to x_t's shape (B, C, H, W)
+        return unpatchify(self.final_layer(u, c), self.cfg.patch_size, shape[2], shape[3])
 
-    def rope(self, x):
+    def rope_tables(self, x):
         # the RoPE tables of x's token grid: a few small kernels, made in each call (torch.compile folds them)
         p, d = self.cfg.patch_size, self.cfg.hidden_size // self.cfg.num_heads
         return rope_2d(d, x.shape[2] // p, x.shape[3] // p, x.device)

@@ -662,15 +662,15 @@ class ValSet:
         diff = [f"{k} {train_meta.get(k)!r} vs {meta.get(k)!r}" for k in VAL_MUST_MATCH
                 if train_meta.get(k) != meta.get(k)]
         if diff:
-            raise SystemExit(f"--val-data {val_dir} does not match --data {train_dir}: {'; '.join(diff)}. Make the "
-                             f"val set with prepare_latents.py from held-out images of the same classes, with the "
-                             f"same --vae and --resolution")
+            plumbing.refuse(f"--val-data {val_dir} does not match --data {train_dir}: {'; '.join(diff)}. Make the "
+                            f"val set with prepare_latents.py from held-out images of the same classes, with the "
+                            f"same --vae and --resolution")
         valid = np.flatnonzero(np.load(os.path.join(val_dir, "valid.npy")))
         order = np.random.default_rng(0).permutation(valid)  # seed 0, not --seed: every run scores the same images
         size = len(order) if size is None else size
         if not len(VAL_TIMES) <= size <= len(order):
-            raise SystemExit(f"--val-size {size}: must be between {len(VAL_TIMES)} (one image per time of the grid) "
-                             f"and the {len(order)} valid images of --val-data {val_dir}")
+            plumbing.refuse(f"--val-size {size}: must be between {len(VAL_TIMES)} (one image per time of the grid) "
+                            f"and the {len(order)} valid images of --val-data {val_dir}")
         self.rows = order[:size]
         self.latents = np.load(os.path.join(val_dir, "latents.npy"), mmap_mode="r")  # (N, 2, C, h, w)
         self.labels = np.load(os.path.join(val_dir, "labels.npy"))
@@ -718,7 +718,7 @@ def checkpoint_val_loss(path, val, device, precision):
     try:
         ckpt = plumbing.load_checkpoint(path)
         raw_model, ema = (pretrained.load_ddt(path, ema=e, ckpt=ckpt).to(device) for e in (False, True))
-    except (OSError, ValueError) as e:  # pretrained.CheckpointError is a ValueError
+    except (OSError, ValueError) as e:  # plumbing.CheckpointError is a ValueError
         raise SystemExit(f"--eval-only: {e}") from None
     rec = val_record(ckpt["step"], raw_model, ema, val, device, precision)
     if plumbing.rank_world()[0] == 0:

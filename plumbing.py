@@ -1,7 +1,9 @@
 """
-The plumbing the scripts share, none of it about diffusion: writes that a crash never tears (atomic_write), one
-run per output (lock_file), the distributed set-up under torchrun or without it, stopping on a signal at a safe
-point, a run's log, seeds, the device's peak FLOP/s, and the --help formatter.
+The plumbing the scripts share, what keeps a run safe and a reader can skip: checkpoints read safely
+(load_checkpoint) and written in the background (CheckpointWriter), writes that a crash never tears
+(atomic_write), one run per output (lock_file), resuming a run (resume_run), the .npz in resumable parts and
+the image grids, the distributed set-up under torchrun or without it, stopping on a signal at a safe point, a
+run's log, the flags' checks and one-line refusals, seeds, the device's defaults and peak FLOP/s.
 """
 
 import argparse
@@ -118,20 +120,21 @@ def refuse(message):
 def json_cache(paths, key, compute):
     """(value, the path it was found in) for `key` (a string) in the first of the JSON files `paths` that holds it;
     else (compute(), None), the value stored under `key` in the first of `paths` that can be written."""
-    for path in paths:
-        if os.path.isfile(path):
+    def read(path):  # a missing or unreadable file is an empty cache
+        try:
             with open(path) as f:
-                if key in (cache := json.load(f)):
-                    return cache[key], path
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    for path in paths:
+        if key in (cache := read(path)):
+            return cache[key], path
     value = compute()
     for path in paths:
         try:
-            cache = {}
-            if os.path.isfile(path):
-                with open(path) as f:
-                    cache = json.load(f)
             with atomic_write(path, "w") as f:
-                json.dump(cache | {key: value}, f, indent=1)
+                json.dump(read(path) | {key: value}, f, indent=1)
             break
         except OSError:
             continue
@@ -253,7 +256,8 @@ class Parts:
     owner, every rank makes the same number of rounds), before any rank writes new parts. Without --npz: no
     files, all batches left."""
 
-    def __init__(self, npz, tag, n, batch_size):
+    def __init__(self, npz, settings, n, batch_size):
+        tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # parts of other settings never mix in
         self.npz, self.tag, self.n = npz, from_rank0(tag), n  # rank 0 decides: every rank names parts alike
         self.dir = os.path.splitext(npz)[0] + "_parts" if npz else None
         self.chunks = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
@@ -368,7 +372,8 @@ def duration(seconds):
 
 
 def mix_seed(a, b):
-    """One seed from two integers (a run's seed and a step, an image's index, ...), the same in every script."""
+    """A torch generator's seed from two integers (a run's seed and a step, an image's index, ...), the same in
+    every script (numpy's generators, which train.py's data order uses, take the pair itself)."""
     return a * 1_000_003 + b
 
 
@@ -616,12 +621,16 @@ def resume_run(out_dir, checks, modules, opt, hyper, device):
         for key, (wanted, fix) in checks.items():
             if ckpt.get(key, wanted) != wanted:
                 raise SystemExit(f"{path} was trained with {key} {ckpt[key]}, but the flags give {wanted}: {fix}")
-        for key, module in modules.items():
-            if module is not None:
-                module.load_state_dict(ckpt[key])
-        for group in ckpt["optimizer"]["param_groups"]:  # `fused` must be this device's before loading: it decides
-            group.update(hyper, fused=opt.defaults["fused"])  # where the step counts go (CPU-saved, GPU-resumed)
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            for key, module in modules.items():
+                if module is not None:
+                    module.load_state_dict(ckpt[key])
+            for group in ckpt["optimizer"]["param_groups"]:  # `fused` must be this device's before loading: it
+                group.update(hyper, fused=opt.defaults["fused"])  # decides where the step counts go
+            opt.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise SystemExit(f"cannot resume: {path} does not hold this run's state ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}); move it away to start over") from None
         step = ckpt["step"]
     if rank_world()[0] == 0:
         if step:

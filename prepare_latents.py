@@ -478,7 +478,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_vae(args, device):
+def vae_of(args, device):
     """The VAE of --vae (None for pixel space), with --resolution checked against its downsampling."""
     if args.vae == "none":
         return None
@@ -497,7 +497,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, _, world_size, device = plumbing.setup_dist()
     try:
-        vae = load_vae(args, device)
+        vae = vae_of(args, device)
         if args.toy:
             n_per_class, seed = TOY_SPLITS[args.split]
             images, labels, class_names = make_toy_images(n_per_class, args.resolution, seed)

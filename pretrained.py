@@ -1,9 +1,10 @@
 """
-Weights read from their files, in plain torch: a DDT from this project's checkpoints or from the released
-Lightning files (load_ddt), and the frozen pretrained networks: the
-SD-VAE (diffusers' AutoencoderKL, with a small safetensors reader) that maps images to latents and back, and the
-DINOv2 ViT that REPA aligns the encoder with (and evaluate.py's FD_DINOv2 network). Parameter names follow the
-releases, so their files load with strict=True. The pretrained networks are inference only.
+Weights read from their files, in plain torch. A DDT from this project's checkpoints or from the released
+Lightning files (load_ddt; init_weights for train.py --init-from; load_for_sampling for sample.py), with
+messages that say what does not fit and which preset would. The frozen pretrained networks: the SD-VAE
+(diffusers' AutoencoderKL, with a small safetensors reader) that maps images to latents and back, and the
+DINOv2 ViT that REPA aligns the encoder with (load_teacher; also evaluate.py's FD_DINOv2 network). Parameter
+names follow the releases, so their files load with strict=True. The pretrained networks are inference only.
 """
 
 import json
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddt import DDT, PRESETS, DDTConfig
-from plumbing import CheckpointError, all_gather, load_checkpoint, print0, weights_digest
+from plumbing import CheckpointError, all_gather, load_checkpoint, refuse, weights_digest
 
 # -----------------------------------------------------------------------------------------------
 # DDT weights from this project's checkpoints or the released Lightning files, loaded strictly with messages that
@@ -68,24 +69,54 @@ def check_state_dict(model, sd, source):
     raise CheckpointError("\n".join(lines))
 
 
-def init_weights(path, model, projector=None):
+def weights_of(ckpt, path, ema=True):
+    """(state dict, stored DDTConfig or None, REPA projector's state dict or {}) of a checkpoint of either kind:
+    this project's (`config`, `model`, `ema`, `projector`) or the released Lightning files (`state_dict` with the
+    `ema_denoiser.` and `denoiser.` prefixes, no config). `ema` picks the EMA weights."""
+    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # nanoDDT
+        sd = ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"]
+        return dict(sd), DDTConfig(**ckpt["config"]), ckpt.get("projector") or {}
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:  # released Lightning
+        prefix = "ema_denoiser." if ema else "denoiser."
+        sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(f"'{path}' has no '{prefix}*' weights in its state_dict")
+        return sd, None, {}
+    raise CheckpointError(f"'{path}' is neither a nanoDDT checkpoint (keys 'config', 'model') nor a released "
+                          f"Lightning checkpoint (key 'state_dict')")
+
+
+def load_ddt(path, config=None, ema=True, allow_pickle=False, ckpt=None):
+    """A DDT or an improved DiT from this project's checkpoints (config inside) or the released Lightning
+    checkpoints of either, which need `config`: a DDTConfig or a preset name (DDT-XL/2, iDiT-XL/2, ...). `ema`
+    picks the EMA weights. Strict: any mismatch raises CheckpointError. `ckpt`: the contents of `path` if already
+    read with load_checkpoint (a released file is several GB)."""
+    ckpt = load_checkpoint(path, allow_pickle) if ckpt is None else ckpt
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise CheckpointError(f"unknown preset '{config}'; choose one of {', '.join(PRESETS)}")
+        config = PRESETS[config]
+    sd, stored, _ = weights_of(ckpt, path, ema)
+    if stored is not None and config is not None and config != stored:
+        raise CheckpointError(f"'{path}' was trained with {asdict(stored)}, not {asdict(config)}; leave the model "
+                              f"config out, it is stored in the checkpoint")
+    if stored is None and config is None:
+        raise CheckpointError(f"'{path}' is a released checkpoint without a stored config: name the preset "
+                              f"(--model DDT-XL/2, iDiT-XL/2, ...) or pass a DDTConfig; weights: {infer_config(sd)}")
+    model = DDT(stored or config)
+    check_state_dict(model, sd, path)
+    return model.eval()
+
+
+def init_weights(path, model, projector=None, allow_pickle=False):
     """train.py --init-from: `model` (and REPA's `projector`, from a project checkpoint that has one) from the EMA
     weights of `path`, a project checkpoint or a released Lightning one: the EMA is the model that samples best and
     what fine-tuning usually starts from. The weights carry over to another latent size (RoPE spreads any token
     grid over the same extent). For another class count the label embedding is made afresh (the model's own seeded
     init), but for its last row, the null class that guidance samples with, which keeps the source's. Everything
     else loads strictly: CheckpointError names what does not fit. Returns what was made afresh."""
-    ckpt = load_checkpoint(path)
-    if isinstance(ckpt, dict) and "config" in ckpt and "ema" in ckpt:  # nanoDDT
-        sd, proj = dict(ckpt["ema"]), ckpt.get("projector") or {}
-    elif isinstance(ckpt, dict) and "state_dict" in ckpt:  # released Lightning
-        prefix = "ema_denoiser."
-        sd, proj = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}, {}
-    else:
-        raise CheckpointError(f"'{path}' is neither a nanoDDT checkpoint (keys 'config', 'ema') nor a released "
-                              f"Lightning checkpoint (key 'state_dict')")
-    own, fresh, table = model.state_dict(), [], "y_embedder.embedding_table.weight"
-    x_key = "x_embedder.proj.weight"
+    sd, _, proj = weights_of(load_checkpoint(path, allow_pickle), path)
+    own, fresh, table, x_key = model.state_dict(), [], "y_embedder.embedding_table.weight", "x_embedder.proj.weight"
     if x_key in sd and sd[x_key].shape[1] != own[x_key].shape[1]:
         raise CheckpointError(f"'{path}': {x_key} is {tuple(sd[x_key].shape)} there and {tuple(own[x_key].shape)} "
                               f"here: latent channels x patch size^2 is {sd[x_key].shape[1]} there and "
@@ -104,54 +135,6 @@ def init_weights(path, model, projector=None):
         else:
             fresh.append("the REPA projector (the source has none)")
     return fresh
-
-
-def load_ddt(path, config=None, ema=True, allow_pickle=False, ckpt=None):
-    """A DDT or an improved DiT from (a) this project's checkpoints (config inside; `ema` picks the EMA weights)
-    or (b) the released Lightning checkpoints of either (`state_dict` with `ema_denoiser.` / `denoiser.`
-    prefixes), which need `config`: a DDTConfig or a preset name (DDT-XL/2, iDiT-XL/2, ...). Strict: any
-    mismatch raises CheckpointError. `ckpt`: the contents of `path` if already read with load_checkpoint (a
-    released file is several GB)."""
-    ckpt = load_checkpoint(path, allow_pickle) if ckpt is None else ckpt
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise CheckpointError(f"unknown preset '{config}'; choose one of {', '.join(PRESETS)}")
-        config = PRESETS[config]
-    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # nanoDDT checkpoint
-        stored = DDTConfig(**ckpt["config"])
-        if config is not None and config != stored:
-            raise CheckpointError(f"'{path}' was trained with {asdict(stored)}, not {asdict(config)}; "
-                                  f"leave the model config out, it is stored in the checkpoint")
-        config, sd = stored, ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"]
-    elif isinstance(ckpt, dict) and "state_dict" in ckpt:  # released Lightning checkpoint
-        prefix = "ema_denoiser." if ema else "denoiser."
-        sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        if not sd:
-            raise CheckpointError(f"'{path}' has no '{prefix}*' weights in its state_dict")
-        if config is None:
-            raise CheckpointError(f"'{path}' is a released checkpoint without a stored config: name the preset "
-                                  f"(--model DDT-XL/2, iDiT-XL/2, ...) or pass a DDTConfig; weights: "
-                                  f"{infer_config(sd)}")
-    else:
-        raise CheckpointError(f"'{path}' is neither a nanoDDT checkpoint (keys 'config', 'model') nor a released "
-                              f"Lightning checkpoint (key 'state_dict')")
-    model = DDT(config)
-    check_state_dict(model, sd, path)
-    return model.eval()
-
-
-
-# -----------------------------------------------------------------------------------------------
-# the SD-VAE: diffusers' AutoencoderKL (sd-vae-ft-ema and friends) in plain torch,
-# with diffusers' current parameter names, so a diffusers `vae/` folder loads with strict=True.
-# Latents are unscaled here; callers multiply by VAE_SCALE before the DDT and divide after sampling.
-
-VAE_SCALE = 0.18215  # SD-VAE scaling factor: brings the latents to roughly unit variance
-
-# safetensors reader: u64 little-endian header length, JSON header, then raw little-endian row-major data
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def sampling_checkpoint(args):
@@ -184,14 +167,13 @@ def sampling_checkpoint(args):
 
 
 def dataset_vae(meta, device):
-    """The VAE of a latent dataset (its meta.json), to decode train.py's grids: None in pixel space, False where
-    the VAE is not there any more (the grids are then off)."""
+    """The VAE of a latent dataset (its meta.json's), to decode train.py's sample grids; None in pixel space."""
     if meta["vae"] == "none":
         return None
-    if not os.path.exists(meta["vae"]):
-        print0(f"sample grids off: the dataset's VAE {meta['vae']} is not there any more")
-        return False
-    return load_vae(meta["vae"]).to(device)
+    try:
+        return load_vae(meta["vae"]).to(device)
+    except (OSError, ValueError) as e:
+        refuse(f"the dataset's VAE, which decodes the sample grids: {e}; train without grids: --sample-every 0")
 
 
 def load_for_sampling(args, device):
@@ -208,6 +190,8 @@ def load_for_sampling(args, device):
         vae = None if info["vae"] == "none" else load_vae(args.vae).to(device)
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
+    if bad := [c for c in args.classes or [] if c >= model.cfg.num_classes]:
+        raise SystemExit(f"error: --classes {bad} out of range: the model has classes 0..{model.cfg.num_classes - 1}")
     if args.encoder_steps is not None and not model.cfg.decoder_depth:
         raise SystemExit(f"error: --encoder-steps: '{args.ckpt}' is an improved DiT (decoder_depth 0): it has no "
                          f"encoder/decoder split, so there is no z to share; leave --encoder-steps out")
@@ -215,6 +199,20 @@ def load_for_sampling(args, device):
         raise SystemExit(f"error: the ranks read different weights from '{args.ckpt}' (was it rewritten while "
                          f"they loaded it?); rerun when it no longer changes, or sample from a copy")
     return model.to(device), vae, info
+
+
+# -----------------------------------------------------------------------------------------------
+# the SD-VAE: diffusers' AutoencoderKL (sd-vae-ft-ema and friends) in plain torch,
+# with diffusers' current parameter names, so a diffusers `vae/` folder loads with strict=True.
+# Latents are unscaled here; callers multiply by the dataset's scaling factor (VAE_SCALE for the SD-VAE) before
+# the DDT and divide after sampling.
+
+VAE_SCALE = 0.18215  # SD-VAE scaling factor: brings the latents to roughly unit variance
+
+# safetensors reader: u64 little-endian header length, JSON header, then raw little-endian row-major data
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path):
@@ -647,10 +645,10 @@ def load_teacher(path, resolution, num_tokens, device):
     try:
         teacher = load_dino(path).to(device)
     except (OSError, ValueError, NotImplementedError) as e:
-        raise SystemExit(f"--dino: {e}") from None
+        refuse(f"--dino: {e}")
     with torch.no_grad():
         n = teacher(torch.zeros(1, 3, resolution, resolution, device=device)).shape[1]
     if n != num_tokens:
-        raise SystemExit(f"REPA needs as many DINOv2 tokens as DDT tokens: {n} from {resolution} px images vs "
-                         f"{num_tokens} of the DDT (latents / --patch-size, squared)")
+        refuse(f"REPA needs as many DINOv2 tokens as DDT tokens: {n} from {resolution} px images vs "
+               f"{num_tokens} of the DDT (latents / --patch-size, squared)")
     return teacher

@@ -10,11 +10,10 @@ steps, chosen by a dynamic program, and the other steps reuse its z.
         --num-samples 50000 --cfg-scale 2.0 --encoder-steps 125 --npz samples.npz           # ADM evaluator input
 
 The file reads: the time grid, guidance and noise; Sampler (the settings) and sample_loop (the loop); encoder
-sharing (the DP and its cost); the command line. Sample i's noise depends only on (--seed, i), so the images do
-not depend on the number of ranks; with --npz, finished batches are kept and a rerun resumes.
+sharing (the DP and its cost); images out (train.py's grid too); the command line. Sample i's noise depends only
+on (--seed, i), so the images do not depend on the number of ranks; with --npz a rerun resumes.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -63,9 +62,8 @@ def plan_halves(guided, encoder_runs):
 
 
 def image_noise(seed, indices, shape):
-    """(noise (len(indices), *shape) float32, generators): image i's noise is the first draw of a CPU generator
-    seeded by (seed, i) alone, and the SDE steps draw their noise from the same generator after it, so a sample
-    never depends on the batch or the rank it is drawn in."""
+    """(noise (len(indices), *shape) float32, generators): image i's noise, and then its SDE steps' noise, come
+    from a CPU generator seeded by (seed, i) alone: a sample never depends on its batch or rank."""
     generators = [torch.Generator().manual_seed(plumbing.mix_seed(seed, i)) for i in indices]
     return torch.stack([torch.randn(shape, generator=g) for g in generators]), generators
 
@@ -96,7 +94,7 @@ SDE_RULES = {"sde": (1.0, 2.0), "sde-mean": (1.0, 0.0), "sde-preserve": (0.5, 1.
 
 @dataclass(frozen=True)
 class Sampler:
-    """How to sample, the released samplers' settings (defaults: the paper's Euler at 250 steps, no guidance)."""
+    """How to sample: the released samplers' settings (defaults: Euler, 250 steps, no guidance)."""
     num_steps: int = 250
     order: int = 1  # 1: Euler (EulerSampler); 2, 3: Adams (AdamLMSampler, released default 2)
     sde: str = "none"  # a stochastic step rule of SDE_RULES (order 1 only), or the ODE
@@ -115,9 +113,9 @@ class Sampler:
         lo, hi = self.cfg_interval
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"cfg_interval (--cfg-interval) must be two finite numbers, MIN < MAX: got {lo} {hi}")
-        if self.sde != "none" and (self.sde not in SDE_RULES or self.order != 1):
-            raise ValueError(f"sde must be 'none' or one of {list(SDE_RULES)}, with order 1 (the released Adams "
-                             f"sampler has only the ODE step), got sde={self.sde!r}, order={self.order}")
+        if self.sde != "none" and (self.sde not in SDE_RULES or self.order != 1):  # released Adams: the ODE only
+            raise ValueError(f"sde must be 'none' or, with order 1, one of {list(SDE_RULES)}: got {self.sde!r}, "
+                             f"order {self.order}")
 
 
 @torch.no_grad()
@@ -126,15 +124,18 @@ def sample_loop(model, noise, y, sampler=Sampler(), encoder_steps=None, generato
     Each step computes the velocity v_i, guided inside the interval, then moves x by the solver's rule:
 
         order 1 (Euler), 2, 3 (Adams):  x <- x + (t_i+1 - t_i) * sum_j c_ij v_i-m+1+j   (c: adams_coefficients)
-        sde in SDE_RULES (order 1):     x <- x + v_i dt + a s w dt + sqrt(b w dt) eps,  score s = (t v_i - x) / (1 - t),
-                                        w = 1 - t (the linear scheduler's w(t) = sigma(t)), eps from `generators`
-                                        (one per image: image_noise); the last step is the ODE step, as released
+        sde in SDE_RULES (order 1):     x <- x + v_i dt + a score w dt + sqrt(b w dt) eps,
+                                        score = (t v_i - x) / (1 - t), w = 1 - t (the linear scheduler's sigma(t)),
+                                        eps from `generators` (one per image: image_noise); the last step is the
+                                        ODE step, as released
 
     Guidance runs the unconditional half (the null class) only where it is needed. `encoder_steps`: sorted steps
     where the encoder runs (None: every step; must start with 0); the other steps reuse the latest z. `watch(i, n,
     z)`, if given, is called after each network call with the images it ran (n = B or 2B, conditional half
     first) and the z it computed (None where it reused one): to count or record, never to change the result."""
-    s, B, N = sampler, noise.shape[0], sampler.num_steps
+    s, B, N = sampler, noise.shape[0], sampler.num_steps  # N steps; s: the settings (the score is `score`)
+    if encoder_steps is not None and not model.cfg.decoder_depth:
+        raise ValueError("encoder_steps: an improved DiT (decoder_depth 0) has no z to share")
     encoder_runs = encoder_schedule(N, encoder_steps)
     if s.sde != "none" and SDE_RULES[s.sde][1] and (generators is None or len(generators) != B):
         raise ValueError(f"sde={s.sde!r} draws noise from one generator per image: pass generators (image_noise)")
@@ -195,6 +196,7 @@ def solve_sharing(cost, k):
     measured) are never used; a ValueError says so if k runs cannot avoid them.
     """
     cost = np.asarray(cost.detach().cpu() if torch.is_tensor(cost) else cost, dtype=np.float64)
+    cost = np.tril(cost)  # cost[i, a] for a <= i only: a step reuses an earlier z, never a later one
     N = cost.shape[0]
     if cost.shape != (N, N):
         raise ValueError(f"cost must be a square matrix, got shape {cost.shape}")
@@ -232,13 +234,11 @@ def uniform_schedule(n, k):
 
 
 def measure_sharing_cost(model, sampler, latent_shape, batch_size=8):
-    """The paper's proxy: (N, N) float64 cost[i, j] = 1 - cos(z_i, z_j), averaged over the tokens of both
-    guidance halves (conditional and unconditional, with or without guidance, as the released sharing_dp
-    averages them) of a small seeded batch (the noise of images 0..batch_size-1 of seed 0, labels spread over the
-    classes), cosine over D, from one run of `sampler` with the encoder and both halves at every step: along the
-    trajectory of that solver. Symmetric, zero diagonal. Costs one unshared sampling run of 2 x batch_size images."""
-    K, device = model.cfg.num_classes, next(model.parameters()).device
-    y = torch.tensor([i * K // batch_size for i in range(batch_size)], device=device)
+    """The paper's proxy: (N, N) float64 cost[i, j] = 1 - cos(z_i, z_j) over D, averaged over the tokens and both
+    guidance halves (as the released sharing_dp) of images 0..batch_size-1 of seed 0, labels spread over the
+    classes, from one run of `sampler` (its trajectory) with the encoder and both halves at every step."""
+    num_classes, device = model.cfg.num_classes, next(model.parameters()).device
+    y = torch.tensor([i * num_classes // batch_size for i in range(batch_size)], device=device)
     noise, generators = image_noise(0, range(batch_size), latent_shape)  # the generators: for the SDE steps
     zs = []  # num_steps x (2B, tokens, D)
     sample_loop(model, noise.to(device), y, replace(sampler, both_halves=True), None, generators,
@@ -256,7 +256,7 @@ def measure_sharing_cost(model, sampler, latent_shape, batch_size=8):
 
 
 def to_uint8(x):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 with the ADM / released rounding."""
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as the released code does (ADM truncates)."""
     return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -265,14 +265,15 @@ def class_grid(model, vae, meta, path, seed=0, num_steps=50, precision="fp32"):
     precision; `vae` decodes latents (None in pixel space). Under torchrun a collective: each rank samples a share
     of the images (image i's noise from (seed, i), as always), rank 0 writes the grid."""
     rank, world = plumbing.rank_world()
-    K, device = meta["num_classes"], next(model.parameters()).device
-    labels = [c for c in list(range(0, K, max(1, K // 10)))[:10] for _ in range(8)]
+    num_classes, device = meta["num_classes"], next(model.parameters()).device
+    labels = [c for c in list(range(0, num_classes, max(1, num_classes // 10)))[:10] for _ in range(8)]
     mine = range(rank * len(labels) // world, (rank + 1) * len(labels) // world)
     noise = image_noise(seed, mine, meta["latent_shape"])[0].to(device)
-    with torch.no_grad(), plumbing.autocast(device, precision):
+    with plumbing.autocast(device, precision):
         x = sample_loop(model, noise, torch.tensor(labels[mine.start:mine.stop], device=device), Sampler(num_steps))
-        if vae is not None:  # in chunks: a full-size decode of 80 images at once would need ~10 GB
-            x = torch.cat([vae.decode(part / meta["scaling_factor"]) for part in x.split(16)])
+    if vae is not None:  # in float32 as sample.py decodes, in chunks: 80 images at once would need ~10 GB
+        with torch.no_grad():
+            x = torch.cat([vae.decode(part.float() / meta["scaling_factor"]) for part in x.split(16)])
     images = plumbing.gather_to_rank0(dict(zip(mine, to_uint8(x))))
     if rank == 0:
         plumbing.save_grid(path, np.stack([images[i] for i in range(len(labels))]), labels, meta.get("class_names"))
@@ -303,10 +304,7 @@ def run(args, sampler, device, received):
     """Load the model, choose the encoder steps, sample this rank's batches (resumable), gather and write."""
     rank, world = plumbing.rank_world()
     model, vae, info = pretrained.load_for_sampling(args, device)
-    K = model.cfg.num_classes
-    classes = args.classes if args.classes is not None else list(range(K))
-    if bad := [c for c in classes if not 0 <= c < K]:
-        raise SystemExit(f"error: --classes {bad} out of range: the model has classes 0..{K - 1}")
+    classes = args.classes if args.classes is not None else list(range(model.cfg.num_classes))  # checked there
     n = args.num_samples or (len(args.classes) if args.classes else 8)
     if n > GRID_MAX and not args.npz:
         print(f"without --npz only the {GRID_MAX} images of the grid are sampled, not {n}")
@@ -318,8 +316,7 @@ def run(args, sampler, device, received):
     settings = dict(weights=info["digest"], seed=args.seed, sampler=asdict(sampler), encoder_steps=steps,
                     precision=args.precision, vae=args.vae, classes=classes, latent_shape=list(info["latent_shape"]),
                     model=asdict(model.cfg))
-    tag = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]  # parts of other settings never mix in
-    parts = plumbing.Parts(args.npz, tag, n, args.batch_size)
+    parts = plumbing.Parts(args.npz, settings, n, args.batch_size)
     t0 = time.time()
     kept, count = sample_batches(model, vae, info, parts, labels, (sampler, steps), args, received)
     kept = plumbing.gather_to_rank0(kept)
@@ -339,16 +336,15 @@ def run(args, sampler, device, received):
             plumbing.save_grid(args.out, images[:GRID_MAX], labels[:GRID_MAX], info["class_names"])
             print(f"wrote {args.out}" + (f" (the first {GRID_MAX} of {n} images)" if n > GRID_MAX else ""))
     except OSError as e:
-        kept = f"the samples are in {args.npz if os.path.exists(args.npz) else parts.dir}" if args.npz else \
+        where = f"the samples are in {args.npz if os.path.exists(args.npz) else parts.dir}" if args.npz else \
             "the samples are lost (--npz keeps them as they are made)"
-        raise SystemExit(f"error: cannot write {e.filename} ({e.strerror}); {kept}") from None
+        raise SystemExit(f"error: cannot write {e.filename} ({e.strerror}); {where}") from None
 
 
 def sample_batches(model, vae, info, parts, labels, schedule, args, received):
-    """This rank's share of the batches not yet on disk (parts.todo), each sampled with `schedule` (the Sampler,
-    the encoder steps), decoded to uint8, saved as a part (with --npz) or kept in memory: returns ({index: image},
-    a Counter of the encoder's and decoder's images). A stop signal, checked before each batch on every rank (a
-    collective), ends every rank with plumbing.EXIT_STOPPED, keeping the finished parts."""
+    """This rank's share of the batches left (parts.todo), sampled with `schedule` (Sampler, encoder steps), decoded,
+    saved as parts (--npz) or kept: ({index: uint8 image}, a Counter of the encoder's and decoder's images). A stop
+    signal, checked before each batch on every rank, ends every rank with EXIT_STOPPED, keeping the parts."""
     (sampler, steps), count = schedule, Counter()
     rank, world = plumbing.rank_world()
     kept, mine, device = {}, parts.todo[rank::world], next(model.parameters()).device
@@ -375,9 +371,8 @@ def sample_batches(model, vae, info, parts, labels, schedule, args, received):
 
 
 def sharing_schedule(args, sampler, model, latent_shape, cache_dirs):
-    """--encoder-steps K with --sharing uniform|dp: the DP on the paper's cosine cost (measure_sharing_cost),
-    measured along the trajectory of the chosen solver. A DP schedule is cached as JSON next to the checkpoint
-    (else next to the output), keyed by everything it depends on (the solver, its order and step rule too)."""
+    """--encoder-steps K: evenly spread (--sharing uniform), or the DP's on the paper's cost measured along the
+    solver's trajectory, cached as JSON by the checkpoint (else the output), keyed by all it depends on."""
     N, k = sampler.num_steps, args.encoder_steps or sampler.num_steps
     if k == N:
         return None

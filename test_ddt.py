@@ -122,7 +122,7 @@ def test_ddt_repa_feature_is_block_output(tiny_ddt):
 
 
 def test_ddt_rope_is_not_state(tiny_ddt):
-    assert tiny_ddt.rope(torch.zeros(1, 4, 8, 12))[0].shape == (24, 8)
+    assert tiny_ddt.rope_tables(torch.zeros(1, 4, 8, 12))[0].shape == (24, 8)
     assert not any("rope" in k for k in tiny_ddt.state_dict())
 
 

@@ -1,17 +1,12 @@
 """
 Train a DDT (or its baseline, the improved DiT) with linear flow matching and REPA, as in the paper, from one CPU
-process to many GPUs (torchrun). The quick start in the README; the paper's run:
-
-    torchrun --nproc_per_node=8 train.py --data data/in256 --out-dir runs/xl --dino dinov2_vitb14_pretrain.pth
-
-A step, in the order of this file: the global batch's VAE posteriors (LatentBatches), a fresh latent x = mean +
-std * eps, noise, a time t = sigmoid(randn), labels dropped to the null class (step_inputs); the loss, flow
-matching plus REPA (training_loss); its gradients in --grad-accum micro-steps and AdamW (train_step); the EMA and
-the loop (train). Every draw of step s comes from a generator seeded by (--seed, s), made for the whole global
-batch, of which each rank keeps its slice: a step's result does not depend on the number of ranks or micro-steps,
-and the step number is a run's whole data and random state, so rerunning the command resumes OUT/ckpt.pt exactly.
-What keeps a run safe (one run per folder, stop signals, resume checks) is below the loop, in plumbing.py, and
-described in docs/reliability.md.
+process to many GPUs (torchrun); the README has the commands. In the order of this file: the data (LatentBatches),
+a step's inputs, x = mean + std * eps from the VAE posterior, noise, t = sigmoid(randn), labels dropped to the
+null class (step_inputs); the loss, flow matching plus REPA (training_loss); the step, its gradients in
+--grad-accum micro-steps and AdamW (train_step); the EMA and the loop (train). Every draw of step s is seeded by
+(--seed, s) and made for the whole global batch, of which each rank keeps its slice: a step's result does not
+depend on the number of ranks or micro-steps, and rerunning the command resumes OUT/ckpt.pt exactly. What keeps a
+run safe (one run per folder, stop signals, resume checks) is below the loop and in plumbing.py.
 """
 
 import argparse
@@ -22,7 +17,6 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -94,37 +88,7 @@ def read_rows(array, rows):
 
 
 # -----------------------------------------------------------------------------------------------
-# the loss: linear flow matching + REPA
-
-
-class ModelWithProjector(nn.Module):
-    """The DDT and REPA's projector (an MLP from the tokens of encoder block repa_layer to the teacher's width),
-    one module so that DDP and torch.compile see both: (x_t, t, y) -> (v, projected tokens (B, N, F) or None)."""
-
-    def __init__(self, model, feature_dim, repa_layer):
-        super().__init__()
-        D = model.cfg.hidden_size
-        self.model, self.repa_layer, self.projector = model, repa_layer, None
-        if feature_dim:  # Linear -> SiLU -> Linear -> SiLU -> Linear, as released
-            self.projector = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D), nn.SiLU(),
-                                           nn.Linear(D, feature_dim))
-
-    def forward(self, x_t, t, y):
-        v, _, h = self.model(x_t, t, y, repa_layer=self.repa_layer if self.projector is not None else None)
-        return v, None if self.projector is None else self.projector(h)
-
-
-def training_loss(model, x, y, noise, t, feats, repa_weight):
-    """The paper's loss on clean latents x (B, C, H, W), labels y (B,), noise like x, times t (B,) and the teacher's
-    features feats (B, N, F) of the clean images (None: no REPA). Returns (loss, fm, repa), the parts detached."""
-    t_ = t[:, None, None, None]
-    x_t = t_ * x + (1 - t_) * noise  # (B, C, H, W), on the line from noise (t = 0) to data (t = 1)
-    v, proj = model(x_t, t, y)  # the predicted velocity, encoder block repa_layer's tokens projected
-    fm = F.mse_loss(v.float(), x - noise)  # flow matching: the line's velocity dx_t/dt = x - noise
-    repa = torch.zeros((), device=x.device)
-    if proj is not None:  # REPA: each token's projection points where the teacher's feature of its patch does
-        repa = (1 - F.cosine_similarity(proj.float(), feats.float(), dim=-1)).mean()
-    return fm + repa_weight * repa, fm.detach(), repa.detach()
+# a step's inputs, and the loss: linear flow matching + REPA
 
 
 def step_inputs(batch, step, data, teacher, args, device):
@@ -146,6 +110,35 @@ def step_inputs(batch, step, data, teacher, args, device):
         with torch.no_grad(), plumbing.autocast(device, args.precision):
             feats = teacher(batch["images"].to(device, non_blocking=True).float() / 255)  # (b, N, F)
     return x, y, noise, t, feats
+
+
+class ModelWithProjector(nn.Module):
+    """The DDT and REPA's projector (an MLP from the tokens of encoder block repa_layer to the teacher's width),
+    one module so that DDP and torch.compile see both: (x_t, t, y) -> (v, projected tokens (B, N, F) or None)."""
+
+    def __init__(self, model, feature_dim, repa_layer):
+        super().__init__()
+        self.model, self.repa_layer, self.projector, D = model, repa_layer, None, model.cfg.hidden_size
+        if feature_dim:  # Linear -> SiLU -> Linear -> SiLU -> Linear, as released
+            self.projector = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D), nn.SiLU(),
+                                           nn.Linear(D, feature_dim))
+
+    def forward(self, x_t, t, y):
+        v, _, h = self.model(x_t, t, y, repa_layer=self.repa_layer if self.projector is not None else None)
+        return v, None if self.projector is None else self.projector(h)
+
+
+def training_loss(model, x, y, noise, t, feats, repa_weight):
+    """The paper's loss on clean latents x (B, C, H, W), labels y (B,), noise like x, times t (B,) and the teacher's
+    features feats (B, N, F) of the clean images (None: no REPA). Returns (loss, fm, repa), the parts detached."""
+    t_ = t[:, None, None, None]
+    x_t = t_ * x + (1 - t_) * noise  # (B, C, H, W), on the line from noise (t = 0) to data (t = 1)
+    v, proj = model(x_t, t, y)  # the predicted velocity, encoder block repa_layer's tokens projected
+    fm = F.mse_loss(v.float(), x - noise)  # flow matching: the line's velocity dx_t/dt = x - noise
+    repa = torch.zeros((), device=x.device)
+    if proj is not None:  # REPA: each token's projection points where the teacher's feature of its patch does
+        repa = (1 - F.cosine_similarity(proj.float(), feats.float(), dim=-1)).mean()
+    return fm + repa_weight * repa, fm.detach(), repa.detach()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -174,7 +167,7 @@ def train_step(model, opt, inputs, args):
         nn.utils.clip_grads_with_norm_(params, args.grad_clip, grad_norm)
     opt.found_inf = (~torch.isfinite(grad_norm)).float()  # fused AdamW: no update where 1 (grads are all-reduced:
     opt.step()  # every rank skips alike)
-    opt.zero_grad(set_to_none=not dist.is_initialized())  # DDP: grads stay in its buckets
+    opt.zero_grad(set_to_none=not hasattr(model, "no_sync"))  # DDP: grads stay in its buckets
     return torch.cat([parts, grad_norm[None]])  # loss, fm, repa, grad_norm
 
 
@@ -193,15 +186,17 @@ def ema_decay(args, step):
 # the loop
 
 
-def train(args, data, cfg, teacher, val, device, received):
+def train(args, data, cfg, nets, val, device, received):
     """The run of main(): resume OUT/ckpt.pt if there is one, train to --max-steps. `data`: the LatentBatches,
-    `cfg` the model's DDTConfig, `teacher` REPA's DINOv2 (or None), `val` the evaluate.ValSet of --val-data (None:
-    no validation loss), `received` gets the stop signals (plumbing.stop_signals)."""
+    `cfg` the model's DDTConfig, `nets` the frozen networks (REPA's "teacher", the grids' "vae"; None where off or
+    in pixel space), `val` the evaluate.ValSet of --val-data (None: no validation loss), `received` gets the stop
+    signals (plumbing.stop_signals)."""
+    teacher = nets["teacher"]
     rank, world = plumbing.rank_world()
     meta = data.meta
     student, ema, opt = build(cfg, teacher, args, device)
     step = resume_or_start(args, student, ema, opt, device)
-    raw_model, model = student.model, student  # raw: unwrapped, for saving, the EMA and sampling
+    raw_model, model = student.model, student  # raw: unwrapped, for the EMA update and the validation loss
     if world > 1:  # grads live in the all-reduce buckets (kept across steps: zero_grad(set_to_none=False))
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if args.compile:  # compiling the DDP module lets dynamo split the graph at buckets: all-reduce overlaps
@@ -213,7 +208,6 @@ def train(args, data, cfg, teacher, val, device, received):
     log = plumbing.RunLog(os.path.join(args.out_dir, "log.jsonl"), step, args.max_steps)
     sums = torch.zeros(4, device=device)  # loss, fm, repa, grad_norm, summed over the steps since the last line
     log.print(describe_run(args, cfg, raw_model, data, val, step))
-    grid_vae = pretrained.dataset_vae(meta, device) if args.sample_every else False
     flops = training_flops(student, teacher, meta)  # a training image, for MFU
 
     stop, writer = 0, plumbing.CheckpointWriter()
@@ -226,21 +220,22 @@ def train(args, data, cfg, teacher, val, device, received):
         end = step == args.max_steps
         logged = every(args.log_every, step) or end
         saved = every(args.ckpt_every, step) or every(args.keep_every, step) or end
-        if logged or saved or every(10, step):  # the loop's only host syncs: no step waits for the one before
+        if logged or saved or every(SYNC_EVERY, step):  # the loop's only host syncs: no step waits for the last
             plumbing.check_finite(sums, log.since, step, args)  # no line, no checkpoint after a skipped update
             stop = plumbing.stop_requested(received if not end else [], device)
         if logged:  # the means since the last line, speed, MFU, time left
             rec = log.steps(step, sums, ("loss", "fm", "repa", "grad_norm"), args.global_batch_size, flops)
             log.write(rec | {"lr": opt.param_groups[0]["lr"]})
-        if val is not None and (every(args.val_every, step) or end):  # before the checkpoint: a val loss lost
-            log.write(rec := evaluate.val_record(step, raw_model, ema, val, device, args.precision))  # to a crash
-            log.pause(rec["val_seconds"])  # is redone with its steps; speed counts training only
+        if val is not None and (every(args.val_every, step) or end):  # before the checkpoint: a val loss lost to
+            val_rec = evaluate.val_record(step, raw_model, ema, val, device, args.precision)  # a crash is redone
+            log.write(val_rec)
+            log.pause(val_rec["val_seconds"])  # speed counts training only
         if rank == 0 and (saved or stop):  # a CPU copy, written to disk in the background
             keep = [f"{args.out_dir}/ckpt_{step:07d}.pt"] if every(args.keep_every, step) else []
             writer.save(checkpoint(args, step, student, ema, opt, meta), [f"{args.out_dir}/ckpt.pt", *keep])
-        if grid_vae is not False and (every(args.sample_every, step) or end):  # every rank samples a share
+        if args.sample_every and (every(args.sample_every, step) or end):  # every rank samples a share
             path = os.path.join(args.out_dir, "samples", f"{step:07d}.png")
-            sample.class_grid(ema, grid_vae, meta, path, args.seed, args.sample_steps, args.precision)
+            sample.class_grid(ema, nets["vae"], meta, path, args.seed, args.sample_steps, args.precision)
         if stop:
             plumbing.stop_run(stop, step, writer)
     writer.join()
@@ -250,7 +245,8 @@ def train(args, data, cfg, teacher, val, device, received):
 def main(argv=None):
     """Train; returns the raw model. With --eval-only, prints the validation loss of OUT/ckpt.pt and returns its
     record. Everything lives in the call (process group, lock, signal handlers), so a study may call it again.
-    What can be refused (flags, data, model, teacher) is, before --out-dir is touched."""
+    What can be refused (the flags, the data, the model's flags, the frozen networks) is, before --out-dir is
+    touched; --init-from's weights are checked against the model once it is built."""
     args = get_args(argv)
     meta = prepare_latents.read_meta(args.data)
     val = (evaluate.ValSet(args.val_data, args.val_size, meta, args.data)
@@ -270,19 +266,22 @@ def main(argv=None):
         cfg = model_config(args, meta)
         args.max_steps = args.max_steps or 256 * data.steps_per_epoch  # the paper: 256 epochs
         tokens = (meta["latent_shape"][1] // cfg.patch_size) * (meta["latent_shape"][2] // cfg.patch_size)
-        teacher = pretrained.load_teacher(args.dino, meta["resolution"], tokens, device) if args.dino else None
+        nets = {"teacher": pretrained.load_teacher(args.dino, meta["resolution"], tokens, device) if args.dino
+                else None, "vae": pretrained.dataset_vae(meta, device) if args.sample_every else None}
         if rank == 0:
             lock = plumbing.lock_run_dir(args.out_dir, "train.py", ("ckpt*.pt", "log.jsonl", "samples/*.png"))
         with plumbing.stop_signals() as received:
-            return train(args, data, cfg, teacher, val, device, received)
+            return train(args, data, cfg, nets, val, device, received)
     finally:
         if lock is not None:
-            lock.close()
+            plumbing.unlock(lock)
         plumbing.cleanup_dist()
 
 
 # -----------------------------------------------------------------------------------------------
-# what the loop calls: the validation loss, logging, checkpoints, the sample grid, stopping
+# helpers of the loop: the steps of its events, the checkpoint record
+
+SYNC_EVERY = 10  # steps: the loop reads the device (a non-finite step, a stop signal) at least this often
 
 
 def every(n, step):
@@ -326,6 +325,7 @@ def get_args(argv=None):
     add("--init-from", metavar="CKPT", help="start from CKPT's EMA weights (a run's ckpt.pt, or a released "
                                             "checkpoint with --model): fine-tuning, at another resolution or classes")
     add("--grad-checkpoint", action="store_true", help="recompute the blocks' activations in the backward pass")
+    add("--allow-pickle", action="store_true", help="trust an --init-from checkpoint that needs pickle")
     add("--seed", type=plumbing.number(int, 0), default=0, help="init, data order and every draw")
     add("--precision", choices=("bf16", "fp32"), help="default: bf16 autocast on a GPU, fp32 on the CPU")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on a GPU)")
@@ -385,7 +385,7 @@ def build(cfg, teacher, args, device):
     """(ModelWithProjector: the model and the REPA projector, the model's float32 EMA, AdamW), seeded by --seed."""
     torch.manual_seed(args.seed)
     model = ddt.DDT(cfg)
-    model.grad_checkpoint = args.grad_checkpoint
+    model.grad_checkpoint = args.grad_checkpoint  # off: the paper's memory fits (RESULTS: memory)
     student = ModelWithProjector(model, teacher.embed_dim if teacher else 0, args.repa_layer).to(device)
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=tuple(args.betas),  # fused: found_inf
@@ -404,30 +404,35 @@ def resume_or_start(args, student, ema, opt, device):
     modules = {"model": student.model, "ema": ema, "projector": student.projector}
     hyper = dict(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)  # the flags win (a lower --lr)
     step = plumbing.resume_run(args.out_dir, checks, modules, opt, hyper, device)
+    if step > args.max_steps:
+        plumbing.refuse(f"{args.out_dir}/ckpt.pt is at step {step}, past --max-steps {args.max_steps}; raise "
+                        f"--max-steps to train on, or use another --out-dir")
     if args.init_from and step:
         plumbing.print0(f"{args.out_dir} holds a run at step {step}: resuming it (--init-from only starts a run)")
-    elif args.init_from:  # the model and its EMA from the source's EMA weights; optimizer, step, data order: new
-        try:
-            fresh = pretrained.init_weights(args.init_from, student.model, student.projector)
-        except (OSError, ValueError) as e:  # pretrained.CheckpointError is a ValueError
-            plumbing.refuse(f"--init-from: {e}")
-        ema.load_state_dict(student.model.state_dict())
-        plumbing.print0(f"initialized from {args.init_from} (its EMA weights)" + "; made afresh: " * bool(fresh)
-                        + "; ".join(fresh))
-    if step > args.max_steps:
-        raise SystemExit(f"{args.out_dir}/ckpt.pt is at step {step}, past --max-steps {args.max_steps}; raise "
-                         f"--max-steps to train on, or use another --out-dir")
+    elif args.init_from:
+        init_from(args, student, ema)
     return step
+
+
+def init_from(args, student, ema):
+    """--init-from: the model and its EMA start from the source's EMA weights; the optimizer, the step (0) and
+    the data order are the new run's own."""
+    try:
+        fresh = pretrained.init_weights(args.init_from, student.model, student.projector, args.allow_pickle)
+    except (OSError, ValueError) as e:  # plumbing.CheckpointError is a ValueError
+        plumbing.refuse(f"--init-from: {e}")
+    ema.load_state_dict(student.model.state_dict())
+    made = f"; made afresh: {'; '.join(fresh)}" if fresh else ""
+    plumbing.print0(f"initialized from {args.init_from} (its EMA weights){made}")
 
 
 def training_flops(student, teacher, meta):
     """Matmul FLOPs of one training image, for MFU: 3x the forward (forward and backward) of the DDT and of REPA's
     projector, and the teacher's forward."""
-    h, w = meta["latent_shape"][1:]
+    (h, w), p = meta["latent_shape"][1:], student.model.cfg.patch_size
     flops = 3 * ddt.flops_per_image(student.model.cfg, h, w)
-    if student.projector is not None:
-        tokens = (h // student.model.cfg.patch_size) * (w // student.model.cfg.patch_size)
-        flops += 3 * 2 * tokens * sum(m.weight.numel() for m in student.projector if isinstance(m, nn.Linear))
+    if student.projector is not None:  # each token through the projector's Linears; the teacher
+        flops += 3 * 2 * (h // p) * (w // p) * sum(m.weight.numel() for m in student.projector if hasattr(m, "weight"))
         flops += teacher.flops(meta["resolution"], meta["resolution"])
     return flops
 
@@ -435,10 +440,9 @@ def training_flops(student, teacher, meta):
 def describe_run(args, cfg, model, data, val, step):
     """The run's first line: the model, how a step is split, the precision, the data, the steps, the validation."""
     world = plumbing.rank_world()[1]
-    return (f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {asdict(cfg)}\n{world} rank(s) "
-            f"x {args.grad_accum} micro-step(s) x {args.global_batch_size // world // args.grad_accum} images, "
-            f"{args.precision}{', compiled' if args.compile else ''}, {len(data.valid)} images, steps {step} -> "
-            f"{args.max_steps}"
+    return (f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {asdict(cfg)}\n{world} rank(s) x "
+            f"{args.grad_accum} micro-step(s) x {args.global_batch_size // world // args.grad_accum} images, "
+            f"{args.precision}{', compiled' * args.compile}, {len(data.valid)} images, steps {step} -> {args.max_steps}"
             + (f", validation on {len(val.rows)} images every {args.val_every} steps" if val else ""))
 
 
