@@ -53,7 +53,7 @@ def released_attention(self, x, rope):
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 1, 3, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, N, nh, d)
     q, k = self.q_norm(q.float()), self.k_norm(k.float())  # released: q/k norms in float32
-    cis = self.cis.setdefault(id(rope[0]), torch.complex(rope[0], rope[1]))[None, :, None]  # (1, N, 1, d/2)
+    cis = torch.complex(rope[0], rope[1])[None, :, None]  # (1, N, 1, d/2): the released freqs_cis, N x d/2 numbers
     q = torch.view_as_real(torch.view_as_complex(q.float().reshape(B, N, self.num_heads, -1, 2)) * cis)
     k = torch.view_as_real(torch.view_as_complex(k.float().reshape(B, N, self.num_heads, -1, 2)) * cis)
     q, k = q.flatten(3).type_as(v).transpose(1, 2), k.flatten(3).type_as(v).transpose(1, 2)
@@ -68,7 +68,7 @@ def as_released(model):
         if isinstance(m, ddt.RMSNorm):
             m.forward = types.MethodType(released_rmsnorm, m)
         elif isinstance(m, ddt.Attention):
-            m.forward, m.cis = types.MethodType(released_attention, m), {}
+            m.forward = types.MethodType(released_attention, m)
     return model
 
 
