@@ -334,15 +334,15 @@ def bench_events(model, args, shape, device, precision):
 
 
 def main():
-    p = plumbing.ArgumentParser("Time DDT training steps and sampling.")
+    p, positive = plumbing.ArgumentParser("Time DDT training steps and sampling."), plumbing.number(int, 1)
     train.add_model_args(p, default="DDT-S/2")
-    p.add_argument("--channels", type=int, default=4, help="latent channels")
-    p.add_argument("--image-size", type=int, default=32, help="latent height = width (32 = 256 px images)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--channels", type=positive, default=4, help="latent channels")
+    p.add_argument("--image-size", type=positive, default=32, help="latent height = width (32 = 256 px images)")
+    p.add_argument("--batch-size", type=positive, default=8)
     p.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the step")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=positive, default=10, help="timed training steps (median reported)")
+    p.add_argument("--warmup", type=plumbing.number(int, 0), default=3)
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the released implementation (default: on for CPU)")
     p.add_argument("--repa", action="store_true", help="with REPA: a DINOv2-B/14-shaped teacher, random weights")
@@ -350,8 +350,8 @@ def main():
                    help="one training step, its memory counted (weights, gradients, AdamW, EMA, activations)")
     p.add_argument("--sample", action="store_true", help="time sampling instead of training")
     p.add_argument("--events", action="store_true", help="time train.py's sample grid and a checkpoint instead")
-    p.add_argument("--num-steps", type=int, nargs="+", default=[250], help="sampling steps (each in turn)")
-    p.add_argument("--encoder-steps", type=int, nargs="+", default=[50], help="encoder runs K when sharing")
+    p.add_argument("--num-steps", type=positive, nargs="+", default=[250], help="sampling steps (each in turn)")
+    p.add_argument("--encoder-steps", type=positive, nargs="+", default=[50], help="encoder runs K when sharing")
     args = p.parse_args()
     if args.repa and (args.patch_size or ddt.PRESETS[args.model].patch_size) != 2:
         p.error("--repa needs patch size 2 (as many DINOv2 tokens as DDT tokens, with latents 1/8 of the images)")

@@ -752,7 +752,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="the reference batch --make-ref writes")
     p.add_argument("--resolution", type=plumbing.number(int, 1), help="--make-ref from a folder: centre-crop size "
                                                                       "(default 256)")
-    p.add_argument("--num-images", type=int, default=10000, help="--make-ref: images kept in arr_0 (at least 4)")
+    p.add_argument("--num-images", type=plumbing.number(int, 4), default=10000,
+                   help="--make-ref: images kept in arr_0 (at least 4: precision/recall use 3 neighbours)")
     p.add_argument("--seed", type=plumbing.number(int, 0), default=0, help="--make-ref: seed of the arr_0 subset")
     args = p.parse_args(argv)
     if args.make_ref:
@@ -762,8 +763,6 @@ def parse_args(argv=None):
         p.error("give REF.npz and SAMPLES.npz (or --make-ref SOURCE --out REF.npz)")
     if args.out and not args.make_ref:
         p.error("--out goes with --make-ref")
-    if args.num_images < 4:
-        p.error("--num-images must be at least 4: precision/recall against the reference use 3 neighbours")
     if args.resolution is not None and not args.make_ref:
         p.error("--resolution goes with --make-ref")
     return args

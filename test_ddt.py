@@ -2414,7 +2414,7 @@ def test_evaluate_bad_input_is_refused_before_any_feature(tmp_path, monkeypatch,
     for argv, match in ((["--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "no" / "r.npz"], "--out .*no/r.npz: folder"),
                         ([tmp_path / "ref.npz", tmp_path / "ref.npz", "--json", tmp_path / "no" / "m.json"], "--json .*: folder"),
                         (["--make-ref", tmp_path / "ref.npz", "--out", tmp_path / "r.npz", "--num-images", 2],
-                         "--num-images must be at least 4"),
+                         "--num-images: must be at least 4"),
                         ([tmp_path / "ref.npz", tmp_path / "ref.npz", "--resolution", 64],
                          "--resolution goes with --make-ref")):
         with pytest.raises(SystemExit, match=match):
@@ -3156,6 +3156,9 @@ def bad_input_cases(tmp_path):
             (train.main, [*run, "--lr", "nan"], "--lr"),
             (train.main, [*run, "--betas", "0.9", "1"], "--betas"),
             (train.main, [*run, "--log-every", "-1"], "--log-every"),
+            (train.main, [*run, "--num-heads", "0"], "--num-heads"),  # once a ZeroDivisionError traceback
+            (train.main, [*run, "--patch-size", "0"], "--patch-size"),
+            (train.main, [*run, "--num-heads", "5"], "--num-heads"),  # 32 wide: no head dim
             (train.main, [*run[:2], "--out-dir", f"{READ_ONLY}/run", *run[4:]], "--out-dir"),
             (prepare_latents.main, [*toy, "--resolution", "0"], "--resolution"),
             (prepare_latents.main, [*toy, "--resolution", "-5"], "--resolution"),
@@ -3163,7 +3166,9 @@ def bad_input_cases(tmp_path):
                                     str(tmp_path / "lat")], "--resolution 30: the VAE downsamples by 4"),
             (prepare_latents.main, ["--toy", "--out", f"{READ_ONLY}/toy"], "--out"),
             (evaluate.main, ["--make-ref", images, "--out", str(tmp_path / "r.npz"), "--inception", "x.pth",
-                             "--batch-size", "0"], "--batch-size")]
+                             "--batch-size", "0"], "--batch-size"),
+            (evaluate.main, ["--make-ref", images, "--out", str(tmp_path / "r.npz"), "--inception", "x.pth",
+                             "--num-images", "3"], "--num-images")]
 
 
 def test_bad_numbers_and_unwritable_outputs_are_refused_before_any_work(tmp_path, monkeypatch):

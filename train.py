@@ -3,10 +3,10 @@ Train a DDT (or its baseline, the improved DiT) with linear flow matching and RE
 process to many GPUs (torchrun); the README has the commands. In the order of this file: the data (LatentBatches),
 a step's inputs, x = mean + std * eps from the VAE posterior, noise, t = sigmoid(randn), labels dropped to the
 null class (step_inputs); the loss, flow matching plus REPA (training_loss); the step, its gradients in
---grad-accum micro-steps and AdamW (train_step); the EMA and the loop (train). Every draw of step s is seeded by
-(--seed, s) and made for the whole global batch, of which each rank keeps its slice: a step's result does not
-depend on the number of ranks or micro-steps, and rerunning the command resumes OUT/ckpt.pt exactly. What keeps a
-run safe (one run per folder, stop signals, resume checks) is below the loop and in plumbing.py.
+--grad-accum micro-steps and AdamW (train_step); the EMA and the loop (train). A step's draws are seeded by
+(--seed, step), the data order by (--seed, epoch), each made for the whole global batch, of which a rank keeps its
+slice: a step does not depend on the number of ranks or micro-steps, and rerunning the command resumes exactly.
+What keeps a run safe (one run per folder, stop signals, resume checks) is below the loop and in plumbing.py.
 """
 
 import argparse
@@ -292,12 +292,11 @@ def every(n, step):
 def checkpoint(args, step, student, ema, opt, meta):
     """The run's state as plain data: weights, EMA, AdamW, REPA projector, step, config, flags, data description."""
     return {"model": student.model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "projector": student.projector.state_dict() if student.projector is not None else {},
-            "step": step, "config": asdict(student.model.cfg), "args": vars(args) | {"betas": list(args.betas)},
+            "projector": student.projector.state_dict() if student.projector is not None else {}, "step": step,
+            "config": asdict(student.model.cfg), "args": vars(args) | {"betas": list(args.betas)},
             "data_order": {"global_batch_size": args.global_batch_size, "seed": args.seed},
-            "repa": student.projector is not None,
-            "data": {k: meta[k] for k in ("scaling_factor", "vae", "latent_shape", "resolution",
-                                           "num_classes", "class_names")}}
+            "repa": student.projector is not None, "data": {k: meta[k] for k in (
+                "scaling_factor", "vae", "latent_shape", "resolution", "num_classes", "class_names")}}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -360,7 +359,8 @@ def add_model_args(p, default):
     p.add_argument("--model", default=default, choices=list(ddt.PRESETS), metavar="PRESET",
                    help="one of " + ", ".join(ddt.PRESETS))
     for name in ("hidden-size", "num-heads", "encoder-depth", "decoder-depth", "patch-size"):
-        p.add_argument(f"--{name}", type=int, help="override the preset's value")
+        lo = 0 if name == "decoder-depth" else 1  # decoder depth 0: the improved DiT
+        p.add_argument(f"--{name}", type=plumbing.number(int, lo), help="override the preset's value")
 
 
 def model_config(args, meta):
