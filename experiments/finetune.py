@@ -3,6 +3,8 @@ Does fine-tuning help at this size? A DDT pretrained on one built-in set, then t
 train.py --init-from, against the same model trained there from scratch, 3 seeds each: the steps the fine-tuned
 runs take to reach the from-scratch runs' final validation loss (their seed means, against run length), and the
 sample quality of both (quality.py: Fréchet distance and class agreement of a digit classifier), with Welch's p.
+A third arm trains from scratch for as many training FLOPs as the pretraining and the fine-tuning took together
+(ddt.flops_per_image at both sizes; rounded up to --val-every), so the pretraining's cost is not left out.
 
     OMP_NUM_THREADS=1 python -m experiments.finetune --pretrain-data data/digits16 --pretrain-val data/digits16_val \\
         --data data/digits --val-data data/digits_val --out-dir runs/finetune
@@ -14,11 +16,15 @@ again); writes OUT/finetune.json, OUT/finetune.md and OUT/finetune.png (with mat
 """
 
 import json
+import math
 import os
+from dataclasses import replace
 
 import numpy as np
 
+import ddt
 import plumbing
+import prepare_latents
 import train
 from experiments import quality
 from experiments.study import finite, mean_sd, read_curve, run_quality, steps_to_reach, welch
@@ -34,6 +40,14 @@ def run(data, val, out, steps, seed, extra, args):
                     "--val-every", str(args.val_every), "--log-every", str(args.val_every), "--ckpt-every",
                     str(steps), "--sample-every", "0", "--num-workers", "0", *extra])
     return read_curve(out)
+
+
+def matched_steps(args):
+    """Target-set steps with the training FLOPs of the pretraining plus --steps, rounded up to --val-every."""
+    shapes = [prepare_latents.read_meta(d)["latent_shape"] for d in (args.pretrain_data, args.data)]
+    cfg = replace(ddt.PRESETS[args.model], in_channels=shapes[1][0])
+    pre, target = (ddt.flops_per_image(cfg, h, w) for _, h, w in shapes)
+    return math.ceil((args.steps + args.pretrain_steps * pre / target) / args.val_every) * args.val_every
 
 
 def spread(values, fmt):
@@ -55,11 +69,16 @@ def summary(arms, scorer_floor):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if scorer_floor:
         lines.append(f"| real training images | | | {scorer_floor['fd']:.2f} | {scorer_floor['agreement']:.1f} |")
-    p = {m: welch([q[m] for q in scratch["quality"]], [q[m] for q in tuned["quality"]]) for m in ("fd", "agreement")}
-    p["final_val_loss"] = welch([c[-1][1] for c in scratch["curves"]], [c[-1][1] for c in tuned["curves"]])
-    for s in sorted({s for s, _ in scratch["curves"][0]} & {100, 200, 300, 600}):
-        p[f"val_loss_at_{s}"] = welch(*[[dict(c)[s] for c in a["curves"]] for a in (scratch, tuned)])
-    lines += ["", "Welch's p, fine-tuned against from scratch: " + ", ".join(f"{k} {v:.2g}" for k, v in p.items())]
+    p = {}
+    for name, a in arms.items():
+        if a is tuned:
+            continue
+        q = {m: welch([x[m] for x in a["quality"]], [x[m] for x in tuned["quality"]]) for m in ("fd", "agreement")}
+        q["final_val_loss"] = welch([c[-1][1] for c in a["curves"]], [c[-1][1] for c in tuned["curves"]])
+        for s in sorted({s for s, _ in a["curves"][0]} & {100, 200, 300, 600}):
+            q[f"val_loss_at_{s}"] = welch(*[[dict(c)[s] for c in b["curves"]] for b in (a, tuned)])
+        p[name] = q
+        lines += ["", f"Welch's p, fine-tuned against {name}: " + ", ".join(f"{k} {v:.2g}" for k, v in q.items())]
     return "\n".join(lines) + "\n", p
 
 
@@ -71,7 +90,7 @@ def figure(arms, path, title):
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (name, a), color in zip(arms.items(), ("tab:gray", "tab:blue")):
+    for (name, a), color in zip(arms.items(), ("tab:gray", "tab:blue", "tab:orange")):
         for c in a["curves"]:
             ax.plot(*zip(*c), color=color, alpha=0.35, lw=1)
         steps = [s for s, _ in a["curves"][0]]
@@ -103,13 +122,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     pre = os.path.join(args.out_dir, "pretrain")
     run(args.pretrain_data, args.pretrain_val, pre, args.pretrain_steps, 0, [], args)
-    arms = {"from scratch": {"extra": []}, "fine-tuned": {"extra": ["--init-from", os.path.join(pre, "ckpt.pt")]}}
+    long = matched_steps(args)
+    arms = {"from scratch": ("from_scratch", args.steps, []),
+            "fine-tuned": ("fine-tuned", args.steps, ["--init-from", os.path.join(pre, "ckpt.pt")]),
+            f"from scratch, {long} steps (equal FLOPs)": ("from_scratch_flops", long, [])}
     scorer = quality.Scorer(os.path.join(args.out_dir, "classifier.pt"), args.data, args.val_data)
-    for name, a in arms.items():
-        dirs = [os.path.join(args.out_dir, f"{name.replace(' ', '_')}_seed{s}") for s in args.seeds]
-        extra = a.pop("extra")
-        a["curves"] = [run(args.data, args.val_data, d, args.steps, s, extra, args) for d, s in zip(dirs, args.seeds)]
-        a["quality"] = [run_quality(d, scorer, args.num_samples, args.sample_steps) for d in dirs]
+    for name, (folder, steps, extra) in arms.items():
+        dirs = [os.path.join(args.out_dir, f"{folder}_seed{s}") for s in args.seeds]
+        arms[name] = {"curves": [run(args.data, args.val_data, d, steps, s, extra, args)
+                                 for d, s in zip(dirs, args.seeds)],
+                      "quality": [run_quality(d, scorer, args.num_samples, args.sample_steps) for d in dirs]}
     title = (f"{args.model}: {args.pretrain_steps} steps on {args.pretrain_data}, then {args.steps} on {args.data}; "
              f"{len(args.seeds)} seeds")
     md, pvalues = summary(arms, scorer.floor)
