@@ -42,12 +42,12 @@ def run(data, val, out, steps, seed, extra, args):
     return read_curve(out)
 
 
-def matched_steps(args):
-    """Target-set steps with the training FLOPs of the pretraining plus --steps, rounded up to --val-every."""
+def pretrain_in_target_steps(args):
+    """The pretraining's training FLOPs in steps on the target set (ddt.flops_per_image at both latent sizes)."""
     shapes = [prepare_latents.read_meta(d)["latent_shape"] for d in (args.pretrain_data, args.data)]
     cfg = replace(ddt.PRESETS[args.model], in_channels=shapes[1][0])
     pre, target = (ddt.flops_per_image(cfg, h, w) for _, h, w in shapes)
-    return math.ceil((args.steps + args.pretrain_steps * pre / target) / args.val_every) * args.val_every
+    return args.pretrain_steps * pre / target
 
 
 def spread(values, fmt):
@@ -82,21 +82,28 @@ def summary(arms, scorer_floor):
     return "\n".join(lines) + "\n", p
 
 
-def figure(arms, path, title):
+def figure(arms, path, title, offset):
+    """The val-loss curves against steps on the target set (left) and against all training FLOPs, the fine-tuned
+    runs shifted by their pretraining's `offset` target-set steps (right)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (name, a), color in zip(arms.items(), ("tab:gray", "tab:blue", "tab:orange")):
-        for c in a["curves"]:
-            ax.plot(*zip(*c), color=color, alpha=0.35, lw=1)
-        steps = [s for s, _ in a["curves"][0]]
-        ax.plot(steps, np.mean([[v for _, v in c] for c in a["curves"]], 0), color=color, lw=2, label=name)
-    ax.set(xlabel="step on the target set", ylabel="EMA val loss", yscale="log", title=title)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, shifted in zip(axes, (False, True)):
+        for (name, a), color in zip(arms.items(), ("tab:gray", "tab:blue", "tab:orange")):
+            dx = offset if shifted and name == "fine-tuned" else 0
+            for c in a["curves"]:
+                ax.plot([s + dx for s, _ in c], [v for _, v in c], color=color, alpha=0.35, lw=1)
+            steps = [s + dx for s, _ in a["curves"][0]]
+            ax.plot(steps, np.mean([[v for _, v in c] for c in a["curves"]], 0), color=color, lw=2, label=name)
+        ax.set(yscale="log", xlabel="training FLOPs, in steps on the target set (pretraining included)" if shifted
+               else "step on the target set")
+    axes[0].set(ylabel="EMA val loss")
+    axes[0].legend()
+    fig.suptitle(title)
     fig.tight_layout()
     with plumbing.atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=110)
@@ -122,7 +129,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     pre = os.path.join(args.out_dir, "pretrain")
     run(args.pretrain_data, args.pretrain_val, pre, args.pretrain_steps, 0, [], args)
-    long = matched_steps(args)
+    offset = pretrain_in_target_steps(args)
+    long = math.ceil((args.steps + offset) / args.val_every) * args.val_every  # the fine-tuned runs' FLOPs
     arms = {"from scratch": ("from_scratch", args.steps, []),
             "fine-tuned": ("fine-tuned", args.steps, ["--init-from", os.path.join(pre, "ckpt.pt")]),
             f"from scratch, {long} steps (equal FLOPs)": ("from_scratch_flops", long, [])}
@@ -141,7 +149,7 @@ def main(argv=None):
         json.dump(finite(out), f, indent=1)
     with plumbing.atomic_write(os.path.join(args.out_dir, "finetune.md"), "w") as f:
         f.write(f"{title}\n\n{md}")
-    drawn = figure(arms, os.path.join(args.out_dir, "finetune.png"), title)
+    drawn = figure(arms, os.path.join(args.out_dir, "finetune.png"), title, offset)
     print(f"{title}\n\n{md}" + ("" if drawn else "NO FIGURE (matplotlib missing)"))
 
 
