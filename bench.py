@@ -280,7 +280,7 @@ def bench_training(model, args, shape, device, precision, teacher):
     compare = device.type == "cpu" if args.compare is None else args.compare
     steps = {"nanoDDT": TrainStep(model, args.batch_size, shape, device, precision, args.compile, teacher)}
     meta = {"latent_shape": shape, "resolution": 8 * args.image_size}  # an SD-VAE dataset's
-    flops = train.training_flops(steps["nanoDDT"].student, teacher, meta) / 3  # train.py's MFU FLOPs, / 3 here
+    flops = train.training_flops(steps["nanoDDT"].student, teacher, meta)  # a training image, as train.py counts
     if compare:
         steps["released"] = TrainStep(as_released(model), args.batch_size, shape, device, precision, args.compile,
                                       teacher)
@@ -295,15 +295,15 @@ def bench_training(model, args, shape, device, precision, teacher):
     rate = matmul_rate(device, torch.bfloat16 if precision == "bf16" else torch.float32,
                        args.batch_size * (args.image_size // model.cfg.patch_size) ** 2, mlp.in_features,
                        mlp.out_features)
-    floor = 3 * flops * args.batch_size / rate
-    print(f"matmul floor {floor * 1e3:8.1f} ms  (all {3 * flops * args.batch_size / 1e9:.0f} GFLOPs of the step at "
+    floor = flops * args.batch_size / rate
+    print(f"matmul floor {floor * 1e3:8.1f} ms  (all {flops * args.batch_size / 1e9:.0f} GFLOPs of the step at "
           f"this device's measured {rate / 1e12:.3f} TFLOP/s)")
     for impl, times in rounds.items():
         sec = sorted(times)[len(times) // 2]
         ips = args.batch_size / sec
-        line = f"{impl:9s} train step {sec * 1e3:8.1f} ms  {ips:8.1f} images/s  {3 * flops * ips / 1e12:7.3f} TFLOP/s"
+        line = f"{impl:9s} train step {sec * 1e3:8.1f} ms  {ips:8.1f} images/s  {flops * ips / 1e12:7.3f} TFLOP/s"
         if peak:
-            line += f"  MFU {3 * flops * ips / peak:.1%}"
+            line += f"  MFU {flops * ips / peak:.1%}"
         print(line + f"  {sec / floor:.2f}x the floor")
     if compare:
         print(f"nanoDDT / released step time: {sorted(rounds['nanoDDT'])[1] / sorted(rounds['released'])[1]:.2f}x")

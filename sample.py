@@ -255,8 +255,12 @@ def measure_sharing_cost(model, sampler, latent_shape, batch_size=8):
 # images out
 
 
-def to_uint8(x):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded as the released code does (ADM truncates)."""
+@torch.no_grad()
+def to_uint8(x, vae=None, scale=1.0):
+    """Samples (B, C, h, w) -> uint8 images (B, H, W, 3) from [-1, 1], rounded as the released code does (ADM
+    truncates); latents decoded by `vae` first, in float32, 16 at a time (80 at once would need ~10 GB)."""
+    if vae is not None:
+        x = torch.cat([vae.decode(part.float() / scale) for part in x.split(16)])
     return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -271,10 +275,7 @@ def class_grid(model, vae, meta, path, seed=0, num_steps=50, precision="fp32"):
     noise = image_noise(seed, mine, meta["latent_shape"])[0].to(device)
     with plumbing.autocast(device, precision):
         x = sample_loop(model, noise, torch.tensor(labels[mine.start:mine.stop], device=device), Sampler(num_steps))
-    if vae is not None:  # in float32 as sample.py decodes, in chunks: 80 images at once would need ~10 GB
-        with torch.no_grad():
-            x = torch.cat([vae.decode(part.float() / meta["scaling_factor"]) for part in x.split(16)])
-    images = plumbing.gather_to_rank0(dict(zip(mine, to_uint8(x))))
+    images = plumbing.gather_to_rank0(dict(zip(mine, to_uint8(x, vae, meta["scaling_factor"]))))
     if rank == 0:
         plumbing.save_grid(path, np.stack([images[i] for i in range(len(labels))]), labels, meta.get("class_names"))
 
@@ -361,8 +362,7 @@ def sample_batches(model, vae, info, parts, labels, schedule, args, received):
         with plumbing.autocast(device, args.precision):
             x = sample_loop(model, noise.to(device), torch.tensor(labels[s:e], device=device), sampler, steps,
                             generators, watch=count_evals(count))
-        with torch.no_grad():
-            img = to_uint8(x if vae is None else vae.decode(x.float() / info["scale"]))  # (b, H, W, 3) uint8
+        img = to_uint8(x, vae, info["scale"])  # (b, H, W, 3) uint8
         if parts.dir:
             plumbing.save_npz(parts.path(s, e), img, labels[s:e])
         else:

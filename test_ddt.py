@@ -3243,7 +3243,7 @@ def test_device_defaults_compile_on_a_gpu_only():
     assert (args.precision, args.compile, args.num_workers) == ("fp32", False, 0)
 
 
-def tiny_step_inputs(model, nan=False):
+def tiny_step_inputs(nan=False):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 4, 8, 8, generator=gen)
     x = x.fill_(math.nan) if nan else x
@@ -3256,9 +3256,9 @@ def test_train_step_grad_norm_and_the_skipped_update():
         student, ref = (train.ModelWithProjector(tiny_model(seed=3), 0, 2) for _ in range(2))
         opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
         args.grad_clip = clip
-        norm = train.train_step(student, opt, tiny_step_inputs(student.model), args)[3]
+        norm = train.train_step(student, opt, tiny_step_inputs(), args)[3]
         for k in range(2):  # the same gradients, written out, through clip_grad_norm_
-            loss = train.training_loss(ref, *[t[2 * k:2 * k + 2] for t in tiny_step_inputs(ref.model)[:4]], None, 0.5)[0]
+            loss = train.training_loss(ref, *[t[2 * k:2 * k + 2] for t in tiny_step_inputs()[:4]], None, 0.5)[0]
             (loss / 2).backward()
         expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip if clip else math.inf)
         assert norm == expected  # the norm without clip_grad_norm_'s multiply by 1, the same number
@@ -3266,7 +3266,7 @@ def test_train_step_grad_norm_and_the_skipped_update():
         ref_opt.step()
         assert all(torch.equal(a, b) for a, b in zip(student.parameters(), ref.parameters()))
     before = [p.detach().clone() for p in student.parameters()]
-    norm = train.train_step(student, opt, tiny_step_inputs(student.model, nan=True), args)[3]
+    norm = train.train_step(student, opt, tiny_step_inputs(nan=True), args)[3]
     assert not torch.isfinite(norm)  # a non-finite gradient: AdamW skipped the update, its step count too
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
     assert all(s["step"].item() == 1 for s in opt.state.values())
@@ -3359,7 +3359,7 @@ def test_grad_checkpoint_gives_the_same_gradients_saving_memory():
     for on in (False, True):
         model = tiny_model(seed=5)
         model.grad_checkpoint = on
-        x, y, _, t, _ = tiny_step_inputs(model)
+        x, y, _, t, _ = tiny_step_inputs()
         kept = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
             out = model(x, t, y, repa_layer=2)

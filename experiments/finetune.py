@@ -3,8 +3,8 @@ Does fine-tuning help at this size? A DDT pretrained on one built-in set, then t
 train.py --init-from, against the same model trained there from scratch, 3 seeds each: the steps the fine-tuned
 runs take to reach the from-scratch runs' final validation loss (their seed means, against run length), and the
 sample quality of both (quality.py: Fréchet distance and class agreement of a digit classifier), with Welch's p.
-A third arm trains from scratch for as many training FLOPs as the pretraining and the fine-tuning took together
-(ddt.flops_per_image at both sizes; rounded up to --val-every), so the pretraining's cost is not left out.
+A third arm continues the from-scratch runs to as many training FLOPs as the pretraining and the fine-tuning took
+together (ddt.flops_per_image at both sizes; rounded up to --val-every), so the pretraining's cost is not left out.
 
     OMP_NUM_THREADS=1 python -m experiments.finetune --pretrain-data data/digits16 --pretrain-val data/digits16_val \\
         --data data/digits --val-data data/digits_val --out-dir runs/finetune
@@ -18,6 +18,7 @@ again); writes OUT/finetune.json, OUT/finetune.md and OUT/finetune.png (with mat
 import json
 import math
 import os
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -27,7 +28,7 @@ import plumbing
 import prepare_latents
 import train
 from experiments import quality
-from experiments.study import finite, mean_sd, read_curve, run_quality, steps_to_reach, welch
+from experiments.study import finite, read_curve, run_quality, spread, steps_to_reach, welch
 
 
 def run(data, val, out, steps, seed, extra, args):
@@ -42,17 +43,18 @@ def run(data, val, out, steps, seed, extra, args):
     return read_curve(out)
 
 
+def continue_run(src, dst):
+    """dst, if new, as a copy of the finished run src (checkpoint and log): train.main then resumes it exactly."""
+    if not os.path.exists(dst):
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train.lock", "quality.json"))
+
+
 def pretrain_in_target_steps(args):
     """The pretraining's training FLOPs in steps on the target set (ddt.flops_per_image at both latent sizes)."""
     shapes = [prepare_latents.read_meta(d)["latent_shape"] for d in (args.pretrain_data, args.data)]
     cfg = replace(ddt.PRESETS[args.model], in_channels=shapes[1][0])
     pre, target = (ddt.flops_per_image(cfg, h, w) for _, h, w in shapes)
     return args.pretrain_steps * pre / target
-
-
-def spread(values, fmt):
-    m, sd = mean_sd(values)
-    return f"{m:{fmt}} ± {sd:{fmt}}"
 
 
 def summary(arms, scorer_floor):
@@ -137,6 +139,9 @@ def main(argv=None):
     scorer = quality.Scorer(os.path.join(args.out_dir, "classifier.pt"), args.data, args.val_data)
     for name, (folder, steps, extra) in arms.items():
         dirs = [os.path.join(args.out_dir, f"{folder}_seed{s}") for s in args.seeds]
+        if folder == "from_scratch_flops":  # the from-scratch runs, continued: their first steps are not redone
+            for d, s in zip(dirs, args.seeds):
+                continue_run(os.path.join(args.out_dir, f"from_scratch_seed{s}"), d)
         arms[name] = {"curves": [run(args.data, args.val_data, d, steps, s, extra, args)
                                  for d, s in zip(dirs, args.seeds)],
                       "quality": [run_quality(d, scorer, args.num_samples, args.sample_steps) for d in dirs]}

@@ -64,7 +64,7 @@ def table(results, per_gpu):
     lines = [f"| model | precision | parameters | state (weights, gradients, AdamW, EMA, teacher) | activations: fixed "
              f"+ per image | predicted at {per_gpu} images | " + " | ".join(f"largest micro-batch, {g}" for g in GPUS)
              + " |", "|---|---|---|---|---|---|" + "---|" * len(GPUS)]
-    for model, precision, tag in dict.fromkeys((*n.split()[:2], n[len(n.rstrip(" gc")):]) for n in results):
+    for model, precision, tag in dict.fromkeys((*n.split()[:2], " gc" if n.endswith(" gc") else "") for n in results):
         state, fixed, per_image = fit(results, model, precision, tag)
         params = results[f"{model} {precision} 1{tag}"]["params"]
         fits = [int((cap * GIB - state - fixed) // per_image) for cap in GPUS.values()]

@@ -33,19 +33,12 @@ import sample
 from sample import Sampler
 from bench import timed
 from experiments import quality
+from experiments.study import spread
 
 def deviation(x, ref):
     """(relative RMS distance over the batch, the worst single image's): RMS(x - ref) / RMS(ref)."""
     err = (x - ref).pow(2).flatten(1).mean(1)  # (B,) per image
     return (err.mean() / ref.pow(2).mean()).sqrt().item(), (err / ref.pow(2).flatten(1).mean(1)).sqrt().max().item()
-
-
-def spread(values, fmt=".4f"):
-    """'mean ± sd' over the models (sample standard deviation), or the value alone for one model."""
-    m = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{m:{fmt}}"
-    return f"{m:{fmt}} ± {(sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5:{fmt}}"
 
 
 def timed_sample(model, device, autocast, noise, y, sampler, encoder_steps=None, generators=None):

@@ -172,6 +172,12 @@ def mean_sd(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def spread(values, fmt=".4f"):
+    """'mean ± sd' over the seeds or models (sample standard deviation), or the value alone for one."""
+    m, sd = mean_sd(values)
+    return f"{m:{fmt}} ± {sd:{fmt}}" if len(values) > 1 else f"{m:{fmt}}"
+
+
 def summarize(results):
     """Per configuration: the seed-mean curve, the final val loss and the quality scores (mean, sd, per seed), how
     far from flat the curve ended, the speed-up curve against the improved DiT (the first configuration if none is
