@@ -13,7 +13,7 @@ pieces nanoDDT rewrote (complex-number RoPE with float32 upcasts, RMSNorm as pow
 patchify, float32 q/k norms), in the same process, interleaved, so the ratio is fair. Reports images/s,
 model FLOPs per image, achieved TFLOP/s, MFU against the GPU's bf16 peak, peak memory, and each step time
 against a floor: all of the step's FLOPs at the rate this device measures on the model's MLP product.
---repa adds REPA's teacher (DINOv2-B/14's shapes, random weights) to the step; its FLOPs are not in the MFU.
+--repa adds REPA's teacher (DINOv2-B/14's shapes, random weights) to the step; its FLOPs count in the MFU.
 --memory makes one step and counts its memory instead of timing: the bytes of the weights, gradients, AdamW
 moments, EMA and teacher, what autograd saves for the backward pass, and the step's peak (experiments/memory.py
 turns these into the table of what fits a GPU).

@@ -341,7 +341,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     an imaginary part above 1e-3 (np.allclose, atol 1e-3): the two return the same number where no eigenvalue is
     near that bound, as with the covariances of more images than dimensions; but on rank-deficient covariances
     (fewer images than dimensions) of large magnitude, both look at rounding noise, and either may raise where
-    the other returns a number (README, Evaluate, measures such cases)."""
+    the other returns a number (docs/history.md, Evaluation, measures such cases)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:

@@ -2516,8 +2516,8 @@ def test_inception_matches_torch_fidelity(inception):
     for name in ("square", "wide"):  # 32 x 32 and 20 x 45 images, resized to 299 x 299
         pool, spatial, logits = evaluate.inception_features(inception, g[f"{name}_images"].numpy(), batch_size=2)
         assert pool.shape == (len(pool), 2048) and spatial.shape == (len(pool), 2023) and logits.shape[1] == 1008
-        assert rel_err(torch.from_numpy(pool), g[f"{name}_pool"]) < 1e-4
-        assert rel_err(torch.from_numpy(logits), g[f"{name}_logits"]) < 1e-4
+        assert rel_err(torch.from_numpy(pool), g[f"{name}_pool"]) < 1e-5  # measured: 0 (two CPUs)
+        assert rel_err(torch.from_numpy(logits), g[f"{name}_logits"]) < 1e-5  # measured: 6e-8, 1.3e-7
 
 
 def test_inception_spatial_is_mixed_6d_1x1_in_tf_order(inception):
@@ -2572,13 +2572,13 @@ def test_statistics_match_adm_evaluator():
 
     def fid(a, b):
         return evaluate.frechet_distance(*evaluate.feature_statistics(g[a]), *evaluate.feature_statistics(g[b]))
-    assert abs(fid("sample_pool", "ref_pool") / g["fid"] - 1) < 1e-6
-    assert abs(fid("sample_spatial", "ref_spatial") / g["sfid"] - 1) < 1e-6
-    assert abs(evaluate.inception_score(g["sample_logits"], split_size=100) / g["is_split100"] - 1) < 1e-6
-    assert abs(evaluate.inception_score(g["sample_logits"]) / g["is_split5000"] - 1) < 1e-6
+    assert abs(fid("sample_pool", "ref_pool") / g["fid"] - 1) < 1e-7  # measured: 1.5e-8
+    assert abs(fid("sample_spatial", "ref_spatial") / g["sfid"] - 1) < 1e-7
+    assert abs(evaluate.inception_score(g["sample_logits"], split_size=100) / g["is_split100"] - 1) < 1e-9
+    assert abs(evaluate.inception_score(g["sample_logits"]) / g["is_split5000"] - 1) < 1e-9
     for key, scale, block in (("prec_recall", 1, 10000), ("prec_recall_block100", 1, 100), ("prec_recall_big", 60, 10000)):
         pr = evaluate.precision_recall(scale * g["ref_pool"], scale * g["sample_pool"], block=block)
-        assert np.abs(np.array(pr) - g[key]).max() <= 0.005, key
+        assert np.abs(np.array(pr) - g[key]).max() < 1e-9, key  # counts of images: equal
 
 
 def test_inception_score_known_answers():

@@ -6,7 +6,7 @@ loop (`train.main`) in its own folder; a finished run is never trained again, an
 its checkpoint, so rerunning the same command after a stop continues the study.
 
     OMP_NUM_THREADS=1 python -m experiments.study --data data/digits16 --val-data data/digits16_val \\
-        --out-dir runs/study_w64 --hidden-size 64
+        --out-dir runs/study_w64 --hidden-size 64 --num-heads 4 --steps 1500 --classifier runs/classifier_digits16.pt
 
 Defaults: 8 blocks (as the improved DiT, `--encoder-depths 8`, i.e. no decoder, and split 2En6De, 4En4De, 6En2De,
 7En1De), 4 heads, patch 2, 3 seeds, 2,000 steps of batch 64 at lr 2e-3, the val loss every 25 steps. Writes
