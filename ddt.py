@@ -83,12 +83,11 @@ def rope_2d(d, h, w, device, theta=10000.0, extent=16.0):
 
 
 def apply_rope(x, cos, sin):
-    # x (B, nh, N, d), cos/sin (N, d/2): rotate each consecutive pair (x0, x1) by its angle, the real form of the
-    # released complex product (x0 + i x1)(cos + i sin). In x's dtype: float32 in the DDT, under bf16 autocast
-    # too (RMSNorm's float32 weight promotes q and k), as in the released code.
-    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, nh, N, d/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    # x (B, nh, N, d), cos/sin (N, d/2) float32: rotate each consecutive pair (x0, x1) by its angle, the real form
+    # of the released complex product (x0 + i x1)(cos + i sin), in float32 and back to x's dtype as released (under
+    # bf16 autocast q and k are float32 already: RMSNorm's float32 weight promotes them)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, nh, N, d/2) each
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -301,7 +300,7 @@ class DDT(nn.Module):
         return unpatchify(self.final_layer(u, c), self.cfg.patch_size, shape[2], shape[3])
 
     def rope_tables(self, x):
-        # the RoPE tables of x's token grid: a few small kernels, made in each call (torch.compile folds them)
+        # the RoPE tables of x's token grid: a few small kernels, made in each call (compiled: fused into a few)
         p, d = self.cfg.patch_size, self.cfg.hidden_size // self.cfg.num_heads
         return rope_2d(d, x.shape[2] // p, x.shape[3] // p, x.device)
 

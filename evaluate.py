@@ -268,10 +268,8 @@ def dino_batch(dino, batch):
         raise ValueError("FD_DINOv2 needs the hub model's position embeddings: "
                          "pretrained.load_dino(path, pos_rule='hub')")
     x = to_device(batch, next(dino.parameters()).device)
-    mean = torch.tensor(pretrained.IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(pretrained.IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = F.interpolate(x.float(), size=(224, 224), mode="bicubic", antialias=True)  # (B, 3, 224, 224) in 0..255
-    return dino.tokens((x / 255 - mean) / std)[:, 0].float().cpu().numpy()  # (B, D)
+    return dino.tokens((x / 255 - dino.mean) / dino.std)[:, 0].float().cpu().numpy()  # (B, D)
 
 
 def dino_features(dino, images, batch_size=64):

@@ -250,6 +250,10 @@ def save_grid(path, images, labels, class_names=None, per_row=10):
         canvas.save(f, format=fmt)
 
 
+PART_WAIT = 600  # s: how long rank 0 waits for the files of ranks that have all finished (a shared filesystem may
+# show a file late on another node); longer means the filesystem is not shared, or a file was lost
+
+
 class Parts:
     """sample.py --npz's finished batches, resumable: NPZ_parts/START_END_TAG.npz, TAG naming the settings (so parts
     of other settings never mix in). Rank 0 lists the batches left for all ranks (one list: every batch has one
@@ -273,8 +277,15 @@ class Parts:
         return os.path.join(self.dir, f"{s:07d}_{e:07d}_{self.tag}.npz")
 
     def join(self, labels):
-        """The parts joined (in order) into the ADM .npz, then removed with their folder; returns the images."""
-        paths, images, s = [self.path(*c) for c in self.chunks], None, 0
+        """The parts joined (in order) into the ADM .npz, then removed with their folder; returns the images. Rank 0
+        waits up to PART_WAIT s for parts that other nodes wrote and a shared filesystem shows late."""
+        paths, images, s, deadline = [self.path(*c) for c in self.chunks], None, 0, time.time() + PART_WAIT
+        while missing := [p for p in paths if not os.path.exists(p)]:
+            if time.time() > deadline:
+                raise SystemExit(f"error: {len(missing)} part(s) of --npz {self.npz} (e.g. {missing[0]}) are still "
+                                 f"missing {PART_WAIT} s after every rank finished (is it on a filesystem all the "
+                                 f"ranks share?); the finished parts are kept: rerun the same command to resume")
+            time.sleep(0.2)
         for path in paths:
             with np.load(path) as f:
                 images = np.empty((self.n, *f["arr_0"].shape[1:]), np.uint8) if images is None else images
@@ -475,11 +486,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 DIST_TIMEOUT = datetime.timedelta(minutes=60)
 
 
-def setup_dist():
+def setup_dist(tf32=True):
     """(rank, local_rank, world_size, device). Under torchrun: one process group (NCCL on GPU, gloo on
-    CPU) with DIST_TIMEOUT. Without torchrun: a single process on cuda:0 or the CPU, no process group. On a GPU,
-    float32 matmuls use TF32 (as DiT and nanoGPT set it) until cleanup_dist."""
-    if torch.cuda.is_available():
+    CPU) with DIST_TIMEOUT. Without torchrun: a single process on cuda:0 or the CPU, no process group. On a GPU
+    with `tf32`, float32 matmuls use TF32 (as DiT and nanoGPT set it) until cleanup_dist; the scripts pass False
+    where the user asked for float32 (--precision fp32)."""
+    if torch.cuda.is_available() and tf32:
         SAVED["matmul_precision"] = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("high")  # TF32
     if "RANK" not in os.environ:
@@ -643,13 +655,16 @@ def resume_run(out_dir, checks, modules, opt, hyper, device):
 
 def check_finite(sums, since, step, args):
     """train.py, at a sync point: stop if a step since `since` had a non-finite loss or gradient (`sums` of them on
-    the device), whose update AdamW skipped; the message says what is kept and what to try."""
+    the device), whose update AdamW skipped; the message says what is kept and what to try. Every rank stops at the
+    same step: the gradient norm is of the all-reduced gradients, the same on every rank, and a non-finite loss
+    makes it non-finite too. A rerun replays the same draws, so the tips are flags a resume may change."""
     if torch.isfinite(sums).all():
         return
     ckpt = os.path.join(args.out_dir, "ckpt.pt")
     kept = (f"{ckpt} keeps the last state written (rerunning resumes from it)" if os.path.exists(ckpt)
             else "no checkpoint was written before it")
-    tips = "check the data or lower --lr" + (", or try --precision fp32" if args.precision != "fp32" else "")
+    tips = ("check the data, lower --lr or clip (--grad-clip 1)" + (", or try --precision fp32" if args.precision !=
+                                                                     "fp32" else "") + "; each may change on resume")
     steps = f"step {step}" if step - since == 1 else f"a step of {since + 1}..{step}"
     refuse(f"non-finite loss or gradient at {steps}; AdamW skipped its update and the run stopped: {kept}; {tips}")
 

@@ -54,8 +54,6 @@ FORMAT_VERSION = 1
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}  # compared lower-case: .JPEG, .PNG, ... match too
 OUTPUT_FILES = ("meta.json", "settings.json", "latents.npy", "latents_flip.npy", "labels.npy", "valid.npy",
                 "images.npy", ".progress")  # in the order create_files removes them
-PART_WAIT = 600  # s: how long rank 0 waits for the chunk files of ranks that have all finished (a shared filesystem
-# may show a file late on another node); longer means the filesystem is not shared, or a file was lost
 TOY_CLASSES = {"red_disk": (230, 30, 30), "blue_square": (40, 80, 250), "green_triangle": (30, 200, 50),
                "yellow_cross": (245, 225, 30), "magenta_ring": (235, 40, 225), "cyan_diamond": (30, 225, 235),
                "orange_x": (255, 140, 0), "horizontal_stripes": (240, 240, 240),
@@ -272,8 +270,8 @@ def write_meta(out, settings, latent_shape, scaling_factor, class_names, files):
 
 def wait_for_chunks(out, markers, copy_in_parts, received, stopped):
     """Rank 0, once every rank has finished: copy in the other ranks' chunks until every marker is there, for at
-    most PART_WAIT seconds (a shared filesystem can show a file late); a stop signal stops the wait."""
-    missing, deadline = markers, time.time() + PART_WAIT
+    most plumbing.PART_WAIT seconds (a shared filesystem can show a file late); a stop signal stops the wait."""
+    missing, deadline = markers, time.time() + plumbing.PART_WAIT
     copy_in_parts()
     while missing := [m for m in missing if not os.path.exists(m)]:
         if received:
@@ -281,7 +279,7 @@ def wait_for_chunks(out, markers, copy_in_parts, received, stopped):
         if time.time() > deadline:
             chunks = [int(os.path.basename(m)[len("chunk_"):-len(".done")]) for m in missing]
             raise SystemExit(f"rank 0: chunk(s) {chunks[:5]}{' ...' if len(chunks) > 5 else ''} of the other ranks "
-                             f"are still not in {out}/.progress {PART_WAIT} s after every rank finished them (is "
+                             f"are still not in {out}/.progress {plumbing.PART_WAIT} s after every rank finished them (is "
                              f"--out on a filesystem all the ranks share?); the finished chunks are kept: rerun the "
                              f"same command to resume")
         time.sleep(0.2)
@@ -495,7 +493,7 @@ def vae_of(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, _, world_size, device = plumbing.setup_dist()
+    rank, _, world_size, device = plumbing.setup_dist(tf32=args.vae_precision != "fp32")
     try:
         vae = vae_of(args, device)
         if args.toy:

@@ -72,7 +72,8 @@ def check_state_dict(model, sd, source):
 def weights_of(ckpt, path, ema=True):
     """(state dict, stored DDTConfig or None, REPA projector's state dict or {}) of a checkpoint of either kind:
     this project's (`config`, `model`, `ema`, `projector`) or the released Lightning files (`state_dict` with the
-    `ema_denoiser.` and `denoiser.` prefixes, no config). `ema` picks the EMA weights."""
+    `ema_denoiser.` and `denoiser.` prefixes, no config, REPA's projector under `diffusion_trainer.proj.0.`: the
+    released trainer's Sequential inside a Sequential). `ema` picks the EMA weights."""
     if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:  # nanoDDT
         sd = ckpt["ema"] if ema and "ema" in ckpt else ckpt["model"]
         return dict(sd), DDTConfig(**ckpt["config"]), ckpt.get("projector") or {}
@@ -81,7 +82,8 @@ def weights_of(ckpt, path, ema=True):
         sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
         if not sd:
             raise CheckpointError(f"'{path}' has no '{prefix}*' weights in its state_dict")
-        return sd, None, {}
+        proj = "diffusion_trainer.proj.0."
+        return sd, None, {k[len(proj):]: v for k, v in ckpt["state_dict"].items() if k.startswith(proj)}
     raise CheckpointError(f"'{path}' is neither a nanoDDT checkpoint (keys 'config', 'model') nor a released "
                           f"Lightning checkpoint (key 'state_dict')")
 
@@ -109,7 +111,7 @@ def load_ddt(path, config=None, ema=True, allow_pickle=False, ckpt=None):
 
 
 def init_weights(path, model, projector=None, allow_pickle=False):
-    """train.py --init-from: `model` (and REPA's `projector`, from a project checkpoint that has one) from the EMA
+    """train.py --init-from: `model` (and REPA's `projector`, where the source has one of its shapes) from the EMA
     weights of `path`, a project checkpoint or a released Lightning one: the EMA is the model that samples best and
     what fine-tuning usually starts from. The weights carry over to another latent size (RoPE spreads any token
     grid over the same extent). For another class count the label embedding is made afresh (the model's own seeded
@@ -130,10 +132,12 @@ def init_weights(path, model, projector=None, allow_pickle=False):
         sd[table] = new
     check_state_dict(model, sd, path)
     if projector is not None:
-        if proj:
+        shapes = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+        if proj and shapes == {k: tuple(v.shape) for k, v in proj.items()}:
             projector.load_state_dict(proj)
-        else:
-            fresh.append("the REPA projector (the source has none)")
+        else:  # none there, or one for another teacher's width
+            fresh.append("the REPA projector (" + ("the source has none)" if not proj else "the source's has other "
+                                                   "shapes: a teacher of another width?)"))
     return fresh
 
 
@@ -563,6 +567,10 @@ class DINOv2(nn.Module):
         self.blocks = nn.ModuleList([DinoBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._pos_cache = {}  # (h, w, device, dtype) -> (1, 1+h*w, D); not in the state dict; the table is frozen
+        # ImageNet's pixel mean and std, kept on the model's device: a table made per call would be a blocking copy
+        # from the host on a GPU, a wait for the whole queued step (not in the state dict)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def pos_embed_for(self, h, w):
         """The 37x37 table resampled to an h x w token grid by `pos_rule`, as DINOv2's interpolate_pos_encoding
@@ -608,9 +616,7 @@ class DINOv2(nn.Module):
         """REPA's teacher: images (B, 3, H, W) in [0, 1] -> final-normed patch tokens (B, N, D),
         N = (224H/256/14)(224W/256/14)."""
         H, W = images.shape[-2:]
-        mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        x = (images - mean) / std  # REPA normalizes first, then resizes
+        x = (images - self.mean) / self.std  # REPA normalizes first, then resizes
         x = F.interpolate(x, size=(224 * H // 256, 224 * W // 256), mode="bicubic", align_corners=False)
         return self.tokens(x)[:, 1:]  # (B, h*w, D), class token dropped
 

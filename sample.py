@@ -288,7 +288,7 @@ GRID_MAX = 100  # a grid shows at most this many images: one of 50k helps nobody
 
 def main(argv=None):
     args, sampler = parse_args(argv)
-    rank, _, world, device = plumbing.setup_dist()
+    rank, _, world, device = plumbing.setup_dist(tf32=args.precision != "fp32")
     lock = None
     try:
         if rank == 0 and args.npz:  # one run per --npz: a second would delete this one's parts in flight

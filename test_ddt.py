@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -129,9 +130,15 @@ def test_ddt_rope_is_not_state(tiny_ddt):
 def test_rope_is_the_released_complex_rotation():
     x = torch.randn(2, 3, 24, 16)
     cos, sin = ddt.rope_2d(16, 4, 6, "cpu")
-    released = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * torch.complex(cos, sin))
-    assert torch.allclose(ddt.apply_rope(x, cos, sin), released.flatten(-2), atol=1e-6)
-    exact = ddt.apply_rope(x.double(), cos.double(), sin.double())
+    def released(x, cos, sin):  # apply_rotary_emb: in complex float32, back to x's dtype
+        out = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
+        return torch.view_as_real(out).flatten(-2).type_as(x)
+    assert torch.allclose(ddt.apply_rope(x, cos, sin), released(x, cos, sin), atol=1e-6)
+    xb = x.bfloat16()  # a bf16 model: rotated in float32 as released, not in bf16
+    assert ddt.apply_rope(xb, cos, sin).dtype == torch.bfloat16
+    assert torch.equal(ddt.apply_rope(xb, cos, sin), released(xb, cos, sin))
+    exact = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (-1, 2))) *
+                               torch.complex(cos.double(), sin.double())).flatten(-2)
     assert torch.allclose(ddt.apply_rope(x, cos, sin).double(), exact, atol=1e-6)
     assert torch.allclose(exact.norm(dim=-1), x.double().norm(dim=-1), atol=1e-9)  # a rotation
 
@@ -851,6 +858,22 @@ def cli(monkeypatch, *argv):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, argv)])
     sample.main()
+
+
+def test_npz_parts_wait_for_a_late_part_and_name_a_lost_one(tmp_path, monkeypatch):
+    img = np.zeros((2, 8, 8, 3), np.uint8)
+    parts = plumbing.Parts(str(tmp_path / "a.npz"), {"seed": 0}, 4, 2)
+    plumbing.save_npz(parts.path(0, 2), img, [0, 1])
+    late = threading.Timer(0.5, plumbing.save_npz, (parts.path(2, 4), img + 1, [2, 3]))
+    late.start()  # another node's part, which the shared filesystem shows late
+    assert parts.join([0, 1, 2, 3])[2:].min() == 1
+    parts = plumbing.Parts(str(tmp_path / "b.npz"), {"seed": 0}, 4, 2)
+    plumbing.save_npz(parts.path(0, 2), img, [0, 1])
+    monkeypatch.setattr(plumbing, "PART_WAIT", 0.3)
+    with pytest.raises(SystemExit, match=r"1 part\(s\) of --npz .*b.npz \(e.g. .*0000002_0000004_.*\) are still missing "
+                                         r"0.3 s after every rank finished .*rerun the same command to resume"):
+        parts.join([0, 1, 2, 3])
+    assert os.path.exists(parts.path(0, 2)) and not os.path.exists(tmp_path / "b.npz")  # the finished part kept
 
 
 def test_cli_npz_grid_and_resume(tmp_path, monkeypatch, capsys):
@@ -1747,6 +1770,40 @@ def test_gpu_train_bf16_compiled(tmp_path):
     assert all(np.isfinite(r["loss"]) and r["peak_mem_gb"] > 0 for r in log)
 
 
+def repa_steps(tmp_path, device, num_steps):
+    """train.py's step, REPA's teacher included, on tiny shapes: returns a function running step s (its inputs,
+    the step and the EMA update); the batches are read and pinned beforehand, as the loader's workers do."""
+    data_dir = make_dataset(tmp_path / "d", n=16, latent_shape=(4, 16, 16), resolution=128, images=True)
+    args = train.get_args(["--data", data_dir, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--patch-size", "2",
+                           "--global-batch-size", "8", "--dino", DINO_WEIGHTS, "--repa-layer", "2"])
+    args.precision = "bf16" if device.type == "cuda" else "fp32"
+    data = train.LatentBatches(data_dir, 8, 0, 1, 0, need_images=True)
+    teacher = load_dino(DINO_WEIGHTS).to(device)
+    student, ema, opt = train.build(train.model_config(args, data.meta), teacher, args, device)
+    pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
+    batches = [{k: pin(v) for k, v in data[s].items()} for s in range(num_steps)]
+
+    def step(s):
+        inputs = train.step_inputs(batches[s], s, data, teacher, args, device)
+        out = train.train_step(student, opt, inputs, args)
+        train.update_ema(ema, student.model, train.ema_decay(args, s + 1))
+        return out
+    return step
+
+
+@cuda
+def test_gpu_a_training_step_never_waits_for_the_host(tmp_path):
+    step = repa_steps(tmp_path, torch.device("cuda"), 3)
+    step(0)  # the first step makes its one-time tables (the teacher's position table, AdamW's state)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any copy to the host or stream synchronization raises
+    try:
+        outs = [step(1), step(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
 # =============================================================================================
 # issue 12: cluster-grade reliability (preemption signals, SIGKILL at random moments, locks, memory, ranks)
 
@@ -1983,6 +2040,18 @@ def test_process_group_timeout_allows_long_checkpoint_writes(monkeypatch):
     assert seen["timeout"] == plumbing.DIST_TIMEOUT and plumbing.DIST_TIMEOUT.total_seconds() >= 30 * 60
 
 
+def test_tf32_on_a_gpu_unless_float32_is_asked_for(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU is touched without torchrun
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    before = torch.get_float32_matmul_precision()
+    for tf32, during in ((True, "high"), (False, before)):
+        assert plumbing.setup_dist(tf32=tf32)[3] == torch.device("cuda:0")
+        assert torch.get_float32_matmul_precision() == during
+        plumbing.cleanup_dist()
+        assert torch.get_float32_matmul_precision() == before
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak memory from Linux's /proc")
 def test_sampling_maps_the_checkpoint_and_skips_the_optimizer(tmp_path):
     # a checkpoint with 400 MB of optimizer state: sampling from it must not read that into memory
@@ -2161,7 +2230,7 @@ def test_prepare_latents_a_rank_stopped_or_killed_ends_every_rank(tmp_path, monk
 def test_prepare_latents_rank_0_waits_for_other_ranks_chunks_a_bounded_time(tmp_path, monkeypatch):
     # rank 0 of two, whose rank 1 wrote nothing: once the ranks are done (here: at once), rank 0 gives up after
     # PART_WAIT naming the missing chunks (it used to poll until a signal came, here after 10 s)
-    monkeypatch.setattr(prepare_latents, "PART_WAIT", 0.5)
+    monkeypatch.setattr(plumbing, "PART_WAIT", 0.5)
     data = [(i, torch.full((8, 8, 3), i, dtype=torch.uint8), "") for i in range(8)]
     settings = {"format_version": 1, "source": "test", "count": 8, "files_sha1": "", "vae": "none",
                 "vae_precision": "fp32", "resolution": 8, "flip": False, "images": False, "chunk_size": 2}
@@ -2337,6 +2406,7 @@ class StubInception(torch.nn.Module):
 
 class StubDino(StubInception):
     pos_rule, embed_dim = "hub", 64
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (pretrained.IMAGENET_MEAN, pretrained.IMAGENET_STD))
 
     def tokens(self, x):  # (B, 3, 224, 224) -> (B, 1, 64)
         return self.proj(F.interpolate(x, size=(8, 8), mode="area").flatten(1))[:, None, :64]
@@ -3199,8 +3269,8 @@ def test_non_finite_stop_says_what_is_true(tmp_path):
     lat = np.load(os.path.join(data, "latents.npy"), mmap_mode="r+")
     lat[:] = np.nan
     lat.flush()
-    with pytest.raises(SystemExit, match="at step 1; .*no checkpoint was written before it; check the data or lower "
-                                         "--lr$"):  # fp32 already: no advice to try it
+    with pytest.raises(SystemExit, match=r"at step 1; .*no checkpoint was written before it; check the data, lower "
+                                         r"--lr or clip \(--grad-clip 1\); each may change on resume$"):  # fp32 already
         train.main(["--data", data, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--precision", "fp32"])
 
 
@@ -3352,6 +3422,27 @@ def test_init_from_the_released_checkpoint_on_other_classes(tmp_path, monkeypatc
                     str(tmp_path / "p4run"), *base, "--patch-size", "4", *FROZEN, "--init-from", released])
     with pytest.raises(SystemExit, match="--init-from .*nope.pt: no such file"):
         train.main(["--data", "x", "--out-dir", "y", "--init-from", str(tmp_path / "nope.pt")])
+
+
+def test_init_from_a_released_checkpoint_keeps_its_repa_projector(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(ddt.PRESETS, "DDT-T/2", TINY)
+    ckpt = torch.load(os.path.join(TESTDATA, "ddt_official_tiny.ckpt"), weights_only=True)
+    gen = torch.Generator().manual_seed(0)  # the released trainer's keys: a Sequential inside a Sequential
+    proj = {f"{i}.{kind}": torch.randn(shape, generator=gen) for i, out in ((0, 32), (2, 32), (4, 128))
+            for kind, shape in (("weight", (out, 32)), ("bias", (out,)))}
+    for name, extra in (("proj", proj), ("proj_wide", {k: v[:64] if k.startswith("4.") else v for k, v in proj.items()})):
+        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("diffusion_trainer.")}
+        ckpt["state_dict"].update({f"diffusion_trainer.proj.0.{k}": v for k, v in extra.items()})
+        torch.save(ckpt, tmp_path / f"{name}.ckpt")
+    data = make_dataset(tmp_path / "d", n=16, latent_shape=(4, 16, 16), resolution=128, images=True, num_classes=10)
+    base = ["--data", data, "--model", "DDT-T/2", "--global-batch-size", "8", "--sample-every", "0", "--num-workers",
+            "0", *FROZEN, "--dino", DINO_WEIGHTS, "--repa-layer", "2"]
+    train.main([*base, "--out-dir", str(tmp_path / "run"), "--init-from", str(tmp_path / "proj.ckpt")])
+    got = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["projector"]
+    assert got.keys() == proj.keys() and all(torch.equal(got[k], proj[k]) for k in proj)
+    assert "made afresh" not in capsys.readouterr().out
+    train.main([*base, "--out-dir", str(tmp_path / "run2"), "--init-from", str(tmp_path / "proj_wide.ckpt")])
+    assert "made afresh: the REPA projector (the source's has other shapes" in capsys.readouterr().out
 
 
 def test_grad_checkpoint_gives_the_same_gradients_saving_memory():

@@ -5,7 +5,8 @@ a step's inputs, x = mean + std * eps from the VAE posterior, noise, t = sigmoid
 null class (step_inputs); the loss, flow matching plus REPA (training_loss); the step, its gradients in
 --grad-accum micro-steps and AdamW (train_step); the EMA and the loop (train). A step's draws are seeded by
 (--seed, step), the data order by (--seed, epoch), each made for the whole global batch, of which a rank keeps its
-slice: a step does not depend on the number of ranks or micro-steps, and rerunning the command resumes exactly.
+slice: a step does not depend on the number of ranks or micro-steps, and rerunning the command resumes exactly
+(bit for bit on the CPU; on a GPU up to its kernels' nondeterminism).
 What keeps a run safe (one run per folder, stop signals, resume checks) is below the loop and in plumbing.py.
 """
 
@@ -253,7 +254,7 @@ def main(argv=None):
            if args.val_data and (args.val_every or args.eval_only) else None)
     if not args.eval_only:
         plumbing.check_writable_dir("--out-dir", args.out_dir)
-    rank, _, world, device = plumbing.setup_dist()
+    rank, _, world, device = plumbing.setup_dist(tf32=args.precision != "fp32")  # the default on a GPU: bf16
     plumbing.device_defaults(args, device)
     lock = None
     try:
