@@ -384,7 +384,12 @@ class DatasetWriter:
         for name in ("latents.npy", "latents_flip.npy"):
             if name in self.arrays:
                 view = img.flip(2) if name == "latents_flip.npy" else img  # flip along W
-                lat = encode_batch(self.vae, view, self.settings["vae_precision"])  # (B, 2, C, h, w)
+                lat = encode_batch(self.vae, view, self.settings["vae_precision"]).half()  # (B, 2, C, h, w), as kept
+                finite = torch.isfinite(lat).flatten(1).all(1)  # a NaN (fp16 VAE) or a value past float16's range
+                for i in idx[ok & ~finite].tolist():
+                    self.bar.write(f"warning: image {self.files[i] if self.files else i} encodes to a non-finite "
+                                   f"latent{' (flipped)' * (view is not img)} (marked invalid)", sys.stderr)
+                ok &= finite
                 self.rows[c][name][lo:hi] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
         if "images.npy" in self.arrays:
             self.rows[c]["images.npy"][lo:hi] = img.numpy()

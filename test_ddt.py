@@ -551,6 +551,22 @@ def test_corrupt_file_is_reported_and_excluded(tmp_path, monkeypatch, capsys):
     assert np.array_equal(a["images"][7], crop(files[7], 16))
 
 
+def test_a_non_finite_latent_is_reported_and_excluded(tmp_path, monkeypatch, capsys):
+    files = make_folder(tmp_path / "data")
+    real = prepare_latents.encode_batch
+
+    def nan_for_the_third(vae, images, precision="fp32"):  # as an fp16 VAE can give
+        lat = real(vae, images, precision)
+        return lat.index_fill(0, torch.tensor([2]), math.nan) if len(lat) > 2 else lat
+    monkeypatch.setattr(prepare_latents, "encode_batch", nan_for_the_third)
+    run_prepare(monkeypatch, "--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--out",
+                tmp_path / "out", "--batch-size", 4, "--num-workers", 0)
+    assert f"warning: image {files[2]} encodes to a non-finite latent (marked invalid)" in capsys.readouterr().err
+    a, meta = load_dataset(tmp_path / "out")
+    assert a["valid"].tolist() == [i not in (2, 6) for i in range(len(files))]  # the third of each batch of 4
+    assert np.isfinite(a["latents"]).all() and meta["invalid_files"] == [files[2], files[6]]
+
+
 def test_interrupted_then_resumed_equals_one_run(tmp_path, monkeypatch):
     make_folder(tmp_path / "data")
     args = ["--data-path", tmp_path / "data", "--vae", "none", "--resolution", 16, "--images", "--flip",
