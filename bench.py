@@ -52,11 +52,11 @@ def released_attention(self, x, rope):
     B, N, D = x.shape
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 1, 3, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, N, nh, d)
-    q, k = self.q_norm(q.float()), self.k_norm(k.float())  # released: q/k norms in float32
+    q, k = self.q_norm(q), self.k_norm(k)  # released RMSNorm (float32 inside, times the float32 weight)
     cis = torch.complex(rope[0], rope[1])[None, :, None]  # (1, N, 1, d/2): the released freqs_cis, N x d/2 numbers
-    q = torch.view_as_real(torch.view_as_complex(q.float().reshape(B, N, self.num_heads, -1, 2)) * cis)
-    k = torch.view_as_real(torch.view_as_complex(k.float().reshape(B, N, self.num_heads, -1, 2)) * cis)
-    q, k = q.flatten(3).type_as(v).transpose(1, 2), k.flatten(3).type_as(v).transpose(1, 2)
+    q2 = torch.view_as_real(torch.view_as_complex(q.float().reshape(B, N, self.num_heads, -1, 2)) * cis)
+    k2 = torch.view_as_real(torch.view_as_complex(k.float().reshape(B, N, self.num_heads, -1, 2)) * cis)
+    q, k = q2.flatten(3).type_as(q).transpose(1, 2), k2.flatten(3).type_as(k).transpose(1, 2)  # apply_rotary_emb
     x = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))  # (B, nh, N, d)
     return self.proj(x.transpose(1, 2).reshape(B, N, D))
 

@@ -254,6 +254,18 @@ PART_WAIT = 600  # s: how long rank 0 waits for the files of ranks that have all
 # show a file late on another node); longer means the filesystem is not shared, or a file was lost
 
 
+def wait_for_files(paths, received, poll=None, timeout=None):
+    """Rank 0, once every rank has finished: wait up to `timeout` s (default PART_WAIT) until every one of `paths`
+    exists, calling `poll` between looks. Returns (the paths still missing, the stop signal that ended the wait
+    or 0); a signal in `received` (stop_signals) ends it at once."""
+    deadline = time.time() + (PART_WAIT if timeout is None else timeout)
+    while (missing := [p for p in paths if not os.path.exists(p)]) and not received and time.time() < deadline:
+        time.sleep(0.2)
+        if poll is not None:
+            poll()
+    return missing, (received[0] if missing and received else 0)
+
+
 class Parts:
     """sample.py --npz's finished batches, resumable: NPZ_parts/START_END_TAG.npz, TAG naming the settings (so parts
     of other settings never mix in). Rank 0 lists the batches left for all ranks (one list: every batch has one
@@ -276,16 +288,20 @@ class Parts:
     def path(self, s, e):
         return os.path.join(self.dir, f"{s:07d}_{e:07d}_{self.tag}.npz")
 
-    def join(self, labels):
-        """The parts joined (in order) into the ADM .npz, then removed with their folder; returns the images. Rank 0
-        waits up to PART_WAIT s for parts that other nodes wrote and a shared filesystem shows late."""
-        paths, images, s, deadline = [self.path(*c) for c in self.chunks], None, 0, time.time() + PART_WAIT
-        while missing := [p for p in paths if not os.path.exists(p)]:
-            if time.time() > deadline:
-                raise SystemExit(f"error: {len(missing)} part(s) of --npz {self.npz} (e.g. {missing[0]}) are still "
-                                 f"missing {PART_WAIT} s after every rank finished (is it on a filesystem all the "
-                                 f"ranks share?); the finished parts are kept: rerun the same command to resume")
-            time.sleep(0.2)
+    def join(self, labels, received=()):
+        """The parts joined (in order) into the ADM .npz, then removed with their folder; returns the images. Under
+        torchrun rank 0 first waits (wait_for_files) for parts that other nodes wrote and a shared filesystem shows
+        late; a stop signal (in `received`) ends the wait with EXIT_STOPPED, keeping the parts."""
+        paths, images, s = [self.path(*c) for c in self.chunks], None, 0
+        missing, signum = wait_for_files(paths, received, timeout=None if rank_world()[1] > 1 else 0)
+        if signum:
+            print(f"stopped by {signal.Signals(signum).name}: the finished parts are kept in {self.dir}; rerun the "
+                  f"same command to resume")
+            raise SystemExit(EXIT_STOPPED)
+        if missing:
+            raise SystemExit(f"error: {len(missing)} part(s) of --npz {self.npz} (e.g. {missing[0]}) are missing "
+                             f"after every rank finished (is it on a filesystem all the ranks share?); the finished "
+                             f"parts are kept: rerun the same command to resume")
         for path in paths:
             with np.load(path) as f:
                 images = np.empty((self.n, *f["arr_0"].shape[1:]), np.uint8) if images is None else images
@@ -489,11 +505,12 @@ DIST_TIMEOUT = datetime.timedelta(minutes=60)
 def setup_dist(tf32=True):
     """(rank, local_rank, world_size, device). Under torchrun: one process group (NCCL on GPU, gloo on
     CPU) with DIST_TIMEOUT. Without torchrun: a single process on cuda:0 or the CPU, no process group. On a GPU
-    with `tf32`, float32 matmuls use TF32 (as DiT and nanoGPT set it) until cleanup_dist; the scripts pass False
-    where the user asked for float32 (--precision fp32)."""
-    if torch.cuda.is_available() and tf32:
-        SAVED["matmul_precision"] = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")  # TF32
+    with `tf32`, float32 matmuls and convolutions use TF32 (as DiT and nanoGPT set it), without it neither (the
+    scripts pass False where the user asked for float32: --precision fp32), until cleanup_dist."""
+    if torch.cuda.is_available():
+        SAVED["tf32"] = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
     if "RANK" not in os.environ:
         return 0, 0, 1, torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -513,8 +530,9 @@ def setup_dist(tf32=True):
 def cleanup_dist():
     if dist.is_initialized():
         dist.destroy_process_group()
-    if "matmul_precision" in SAVED:
-        torch.set_float32_matmul_precision(SAVED.pop("matmul_precision"))
+    if "tf32" in SAVED:
+        matmul, torch.backends.cudnn.allow_tf32 = SAVED.pop("tf32")
+        torch.set_float32_matmul_precision(matmul)
 
 
 SAVED = {}  # what setup_dist changed, for cleanup_dist

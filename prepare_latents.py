@@ -17,7 +17,8 @@ mask, optionally the cropped pixels (for REPA), and meta.json.
 
 OUT/latents.npy       float16 (N, 2, C, h, w): [:, 0] posterior mean, [:, 1] std (unscaled latents)
 OUT/latents_flip.npy  the same for the horizontally flipped images (--flip; off in the paper)
-OUT/labels.npy        int64 (N,);  OUT/valid.npy  bool (N,), False for an unreadable file (its rows are zero)
+OUT/labels.npy        int64 (N,);  OUT/valid.npy  bool (N,), False for an unreadable file or a non-finite latent
+                      (their latent rows are zero), rows that training never reads
 OUT/images.npy        uint8 (N, R, R, 3) center crops (--images)
 OUT/meta.json         count, shapes, class names, VAE and scaling factor, per-channel latent mean/std, ...;
                       written last, it marks the dataset complete
@@ -39,7 +40,6 @@ import math
 import os
 import signal
 import sys
-import time
 
 import numpy as np
 import torch
@@ -269,21 +269,18 @@ def write_meta(out, settings, latent_shape, scaling_factor, class_names, files):
 
 
 def wait_for_chunks(out, markers, copy_in_parts, received, stopped):
-    """Rank 0, once every rank has finished: copy in the other ranks' chunks until every marker is there, for at
-    most plumbing.PART_WAIT seconds (a shared filesystem can show a file late); a stop signal stops the wait."""
-    missing, deadline = markers, time.time() + plumbing.PART_WAIT
+    """Rank 0, once every rank has finished: copy in the other ranks' chunks until every marker is there
+    (plumbing.wait_for_files); a stop signal stops the wait."""
     copy_in_parts()
-    while missing := [m for m in missing if not os.path.exists(m)]:
-        if received:
-            raise stopped(received[0])
-        if time.time() > deadline:
-            chunks = [int(os.path.basename(m)[len("chunk_"):-len(".done")]) for m in missing]
-            raise SystemExit(f"rank 0: chunk(s) {chunks[:5]}{' ...' if len(chunks) > 5 else ''} of the other ranks "
-                             f"are still not in {out}/.progress {plumbing.PART_WAIT} s after every rank finished them (is "
-                             f"--out on a filesystem all the ranks share?); the finished chunks are kept: rerun the "
-                             f"same command to resume")
-        time.sleep(0.2)
-        copy_in_parts()
+    missing, signum = plumbing.wait_for_files(markers, received, poll=copy_in_parts)
+    if missing and signum:
+        raise stopped(signum)
+    if missing:
+        chunks = [int(os.path.basename(m)[len("chunk_"):-len(".done")]) for m in missing]
+        raise SystemExit(f"rank 0: chunk(s) {chunks[:5]}{' ...' if len(chunks) > 5 else ''} of the other ranks are "
+                         f"still not in {out}/.progress {plumbing.PART_WAIT} s after every rank finished them (is "
+                         f"--out on a filesystem all the ranks share?); the finished chunks are kept: rerun the same "
+                         f"command to resume")
 
 
 class DatasetWriter:
@@ -381,16 +378,17 @@ class DatasetWriter:
             if e:
                 self.bar.write(f"warning: cannot read image {self.files[i] if self.files else i}: {e} (marked "
                                f"invalid)", sys.stderr)
-        for name in ("latents.npy", "latents_flip.npy"):
-            if name in self.arrays:
-                view = img.flip(2) if name == "latents_flip.npy" else img  # flip along W
-                lat = encode_batch(self.vae, view, self.settings["vae_precision"]).half()  # (B, 2, C, h, w), as kept
-                finite = torch.isfinite(lat).flatten(1).all(1)  # a NaN (fp16 VAE) or a value past float16's range
-                for i in idx[ok & ~finite].tolist():
-                    self.bar.write(f"warning: image {self.files[i] if self.files else i} encodes to a non-finite "
-                                   f"latent{' (flipped)' * (view is not img)} (marked invalid)", sys.stderr)
-                ok &= finite
-                self.rows[c][name][lo:hi] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
+        lats = {name: encode_batch(self.vae, img.flip(2) if name == "latents_flip.npy" else img,  # flip along W
+                                   self.settings["vae_precision"]).half()  # (B, 2, C, h, w), as kept
+                for name in ("latents.npy", "latents_flip.npy") if name in self.arrays}
+        for name, lat in lats.items():  # a NaN (an fp16 VAE's) or a value past float16's range: invalid too
+            finite = torch.isfinite(lat).flatten(1).all(1)
+            for i in idx[ok & ~finite].tolist():
+                self.bar.write(f"warning: image {self.files[i] if self.files else i} encodes to a non-finite latent"
+                               f"{' (flipped)' * (name == 'latents_flip.npy')} (marked invalid)", sys.stderr)
+            ok &= finite
+        for name, lat in lats.items():
+            self.rows[c][name][lo:hi] = lat.masked_fill(~ok[:, None, None, None, None], 0).numpy()
         if "images.npy" in self.arrays:
             self.rows[c]["images.npy"][lo:hi] = img.numpy()
         self.rows[c]["valid.npy"][lo:hi] = ok.numpy()

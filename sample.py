@@ -332,7 +332,7 @@ def run(args, sampler, device, received):
         print(f"encoder sharing: the encoder ran at {len(steps)} of the {sampler.num_steps} steps, {enc} passes over "
               f"one image against the decoder's {dec} (a guided step makes two passes: with and without the class)")
     try:  # a write that fails here, though checked at the start (a full disk), says what is kept
-        images = parts.join(labels) if args.npz else np.stack([kept[i] for i in range(n)])
+        images = parts.join(labels, received) if args.npz else np.stack([kept[i] for i in range(n)])
         if args.out:
             plumbing.save_grid(args.out, images[:GRID_MAX], labels[:GRID_MAX], info["class_names"])
             print(f"wrote {args.out}" + (f" (the first {GRID_MAX} of {n} images)" if n > GRID_MAX else ""))

@@ -565,6 +565,7 @@ def test_a_non_finite_latent_is_reported_and_excluded(tmp_path, monkeypatch, cap
     a, meta = load_dataset(tmp_path / "out")
     assert a["valid"].tolist() == [i not in (2, 6) for i in range(len(files))]  # the third of each batch of 4
     assert np.isfinite(a["latents"]).all() and meta["invalid_files"] == [files[2], files[6]]
+    assert not a["latents"][2].any() and a["latents"][3].any()  # the invalid rows zeroed, the others kept
 
 
 def test_interrupted_then_resumed_equals_one_run(tmp_path, monkeypatch):
@@ -876,18 +877,23 @@ def cli(monkeypatch, *argv):
     sample.main()
 
 
-def test_npz_parts_wait_for_a_late_part_and_name_a_lost_one(tmp_path, monkeypatch):
+def test_npz_parts_wait_for_a_late_part_and_name_a_lost_one(tmp_path, monkeypatch, capsys):
     img = np.zeros((2, 8, 8, 3), np.uint8)
     parts = plumbing.Parts(str(tmp_path / "a.npz"), {"seed": 0}, 4, 2)
     plumbing.save_npz(parts.path(0, 2), img, [0, 1])
+    monkeypatch.setattr(plumbing, "rank_world", lambda: (0, 2))  # as under torchrun: the other rank is on a node
     late = threading.Timer(0.5, plumbing.save_npz, (parts.path(2, 4), img + 1, [2, 3]))
-    late.start()  # another node's part, which the shared filesystem shows late
+    late.start()  # whose part the shared filesystem shows late
     assert parts.join([0, 1, 2, 3])[2:].min() == 1
     parts = plumbing.Parts(str(tmp_path / "b.npz"), {"seed": 0}, 4, 2)
     plumbing.save_npz(parts.path(0, 2), img, [0, 1])
+    with pytest.raises(SystemExit) as stop:  # a stop signal ends the wait at once
+        parts.join([0, 1, 2, 3], received=[signal.SIGTERM])
+    assert stop.value.code == plumbing.EXIT_STOPPED and "stopped by SIGTERM: the finished parts are kept in" in \
+        capsys.readouterr().out
     monkeypatch.setattr(plumbing, "PART_WAIT", 0.3)
-    with pytest.raises(SystemExit, match=r"1 part\(s\) of --npz .*b.npz \(e.g. .*0000002_0000004_.*\) are still missing "
-                                         r"0.3 s after every rank finished .*rerun the same command to resume"):
+    with pytest.raises(SystemExit, match=r"1 part\(s\) of --npz .*b.npz \(e.g. .*0000002_0000004_.*\) are missing "
+                                         r"after every rank finished .*rerun the same command to resume"):
         parts.join([0, 1, 2, 3])
     assert os.path.exists(parts.path(0, 2)) and not os.path.exists(tmp_path / "b.npz")  # the finished part kept
 
@@ -2060,12 +2066,14 @@ def test_tf32_on_a_gpu_unless_float32_is_asked_for(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU is touched without torchrun
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    before = torch.get_float32_matmul_precision()
-    for tf32, during in ((True, "high"), (False, before)):
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    for tf32, matmul in ((True, "high"), (False, "highest")):
+        torch.set_float32_matmul_precision("medium")  # what a user's session may have set: restored afterwards
         assert plumbing.setup_dist(tf32=tf32)[3] == torch.device("cuda:0")
-        assert torch.get_float32_matmul_precision() == during
+        assert torch.get_float32_matmul_precision() == matmul and torch.backends.cudnn.allow_tf32 == tf32
         plumbing.cleanup_dist()
-        assert torch.get_float32_matmul_precision() == before
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32 == before[1]
+    torch.set_float32_matmul_precision(before[0])
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak memory from Linux's /proc")
