@@ -1792,9 +1792,10 @@ def test_gpu_train_bf16_compiled(tmp_path):
     assert all(np.isfinite(r["loss"]) and r["peak_mem_gb"] > 0 for r in log)
 
 
-def repa_steps(tmp_path, device, num_steps):
-    """train.py's step, REPA's teacher included, on tiny shapes: returns a function running step s (its inputs,
-    the step and the EMA update); the batches are read and pinned beforehand, as the loader's workers do."""
+def repa_steps(tmp_path, device, num_steps, compile=False):
+    """train.py's step, REPA's teacher included, on tiny shapes (the model compiled as train.py compiles it, or
+    eager): returns a function running step s (its inputs, the step and the EMA update); the batches are read and
+    pinned beforehand, as the loader's workers do."""
     data_dir = make_dataset(tmp_path / "d", n=16, latent_shape=(4, 16, 16), resolution=128, images=True)
     args = train.get_args(["--data", data_dir, "--out-dir", str(tmp_path / "run"), *TRAIN_TINY, "--patch-size", "2",
                            "--global-batch-size", "8", "--dino", DINO_WEIGHTS, "--repa-layer", "2"])
@@ -1802,20 +1803,22 @@ def repa_steps(tmp_path, device, num_steps):
     data = train.LatentBatches(data_dir, 8, 0, 1, 0, need_images=True)
     teacher = load_dino(DINO_WEIGHTS).to(device)
     student, ema, opt = train.build(train.model_config(args, data.meta), teacher, args, device)
+    model = torch.compile(student) if compile else student
     pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
     batches = [{k: pin(v) for k, v in data[s].items()} for s in range(num_steps)]
 
     def step(s):
         inputs = train.step_inputs(batches[s], s, data, teacher, args, device)
-        out = train.train_step(student, opt, inputs, args)
+        out = train.train_step(model, opt, inputs, args)
         train.update_ema(ema, student.model, train.ema_decay(args, s + 1))
         return out
     return step
 
 
 @cuda
-def test_gpu_a_training_step_never_waits_for_the_host(tmp_path):
-    step = repa_steps(tmp_path, torch.device("cuda"), 3)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_a_training_step_never_waits_for_the_host(tmp_path, compiled):
+    step = repa_steps(tmp_path, torch.device("cuda"), 3, compile=compiled)
     step(0)  # the first step makes its one-time tables (the teacher's position table, AdamW's state)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any copy to the host or stream synchronization raises
