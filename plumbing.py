@@ -295,9 +295,7 @@ class Parts:
         paths, images, s = [self.path(*c) for c in self.chunks], None, 0
         missing, signum = wait_for_files(paths, received, timeout=None if rank_world()[1] > 1 else 0)
         if signum:
-            print(f"stopped by {signal.Signals(signum).name}: the finished parts are kept in {self.dir}; rerun the "
-                  f"same command to resume")
-            raise SystemExit(EXIT_STOPPED)
+            raise stopped(signum, f"the finished parts are kept in {self.dir}")
         if missing:
             raise SystemExit(f"error: {len(missing)} part(s) of --npz {self.npz} (e.g. {missing[0]}) are missing "
                              f"after every rank finished (is it on a filesystem all the ranks share?); the finished "
@@ -695,6 +693,12 @@ def device_defaults(args, device):
     for flag, on_gpu, on_cpu in (("compile", True, False), ("num_workers", 4, 2)):
         if hasattr(args, flag) and getattr(args, flag) is None:
             setattr(args, flag, on_gpu if gpu else on_cpu)
+
+
+def stopped(signum, kept):
+    """The SystemExit (EXIT_STOPPED) of a job that signal `signum` stopped, rank 0 saying what is `kept`: raise it."""
+    print0(f"stopped by {signal.Signals(signum).name}: {kept}; rerun the same command to resume")
+    return SystemExit(EXIT_STOPPED)
 
 
 def stop_run(signum, step, writer):

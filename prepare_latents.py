@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sys
 
 import numpy as np
@@ -273,7 +272,7 @@ def wait_for_chunks(out, markers, copy_in_parts, received, stopped):
     (plumbing.wait_for_files); a stop signal stops the wait."""
     copy_in_parts()
     missing, signum = plumbing.wait_for_files(markers, received, poll=copy_in_parts)
-    if missing and signum:
+    if signum:
         raise stopped(signum)
     if missing:
         chunks = [int(os.path.basename(m)[len("chunk_"):-len(".done")]) for m in missing]
@@ -420,10 +419,7 @@ class DatasetWriter:
                 os.remove(os.path.join(progress, f))
 
     def stopped(self, signum):
-        if self.rank == 0:
-            print(f"stopped by {signal.Signals(signum).name}: the finished chunks are kept in {self.out}/.progress; "
-                  f"rerun the same command to resume", flush=True)
-        return SystemExit(plumbing.EXIT_STOPPED)
+        return plumbing.stopped(signum, f"the finished chunks are kept in {self.out}/.progress")
 
 
 def decided_by_rank0(rank, fn, *args):

@@ -17,7 +17,6 @@ on (--seed, i), so the images do not depend on the number of ranks; with --npz a
 import json
 import math
 import os
-import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -352,9 +351,8 @@ def sample_batches(model, vae, info, parts, labels, schedule, args, received):
     rounds = math.ceil(len(parts.todo) / world)  # the same on every rank: the stop check is a collective
     for r in tqdm(range(rounds), disable=rank != 0, desc=f"sampling on {world} rank(s)"):
         if stop := plumbing.stop_requested(received, device):
-            kept_msg = f"the finished batches are kept in {parts.dir}" if parts.dir else "nothing is kept without --npz"
-            plumbing.print0(f"stopped by {signal.Signals(stop).name}: {kept_msg}; rerun the same command to resume")
-            raise SystemExit(plumbing.EXIT_STOPPED)
+            raise plumbing.stopped(stop, f"the finished batches are kept in {parts.dir}" if parts.dir else
+                                   "nothing is kept without --npz")
         if r == len(mine):  # this rank's last round is empty
             continue
         s, e = mine[r]
